@@ -234,6 +234,9 @@ def imagenet_resnet50(pretrained_weights_path: str | os.PathLike | None = None,
     torchvision-style ResNet-50 (e.g. torchvision's ``resnet50-*.pth``); it is
     loaded strictly into ``model.net`` (see ``load_state_dict_file``).
     """
+    if pretrained_weights_path is not None and not os.path.isfile(pretrained_weights_path):
+        # Checked before building: initialising 25 M weights takes a second.
+        raise FileNotFoundError(f"no such ResNet-50 weights file: {os.fspath(pretrained_weights_path)!r}")
     model = NormalizedNet(ResNet50(num_classes), IMAGENET_MEAN, IMAGENET_STD)
     if pretrained_weights_path is not None:
         load_state_dict_file(model.net, pretrained_weights_path)
@@ -363,6 +366,7 @@ def save_checkpoint(path: str | os.PathLike, model: nn.Module, *, model_name: st
             torch.save(payload, f)
             f.flush()
             os.fsync(f.fileno())
+        os.chmod(tmp, 0o644)  # mkstemp makes 0600; give the usual permissions
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
