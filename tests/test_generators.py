@@ -31,7 +31,7 @@ def _randomise(module, scale=1.0, seed=1):
 
 
 def _geomean(t):
-    return float(t.double().log().mean().exp())
+    return float(t.detach().double().log().mean().exp())
 
 
 # --------------------------------------------------------------------------- pattern-fixed
