@@ -273,7 +273,8 @@ def test_rebuild_errors():
 
 def test_to_noise_returns_fixed_anisotropic_with_the_right_law():
     gen = _randomise(UniversalGenerator((1, 4, 4), gamma=1.0, gamma_mu=0.5, hidden=16, latent_dim=8), 0.5)
-    sigma, mu = gen()
+    with torch.no_grad():
+        sigma, mu = gen()
     noise = gen.to_noise(Gaussian(0.5))
     assert isinstance(noise, Anisotropic) and noise.is_certificate
     assert torch.allclose(noise.sigma, sigma.double()) and torch.allclose(noise.mu, mu.double())
