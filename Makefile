@@ -30,7 +30,7 @@ test-all: install
 	$(PY) -m pytest -q -m ''
 
 bench: install
-	$(PY) benchmarks/bench_certify.py
+	$(VENV)/bin/ucan bench
 
 clean:
 	rm -rf $(VENV) build *.egg-info src/*.egg-info

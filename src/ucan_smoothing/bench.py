@@ -1,0 +1,188 @@
+"""Throughput benchmark: how close Smooth.certify runs to the model's raw forward pass.
+
+Measured in one run, on the same model, input, batch size and device:
+
+1. raw forward: ``model(noisy_batch)`` on a batch made once (the limit);
+2. ``Smooth.certify`` (noise drawn on the device, votes counted per batch);
+3. a Cohen-style reference loop written here (one image at a time, noise
+   drawn per batch, predictions moved to the host and counted in NumPy);
+4. IBM ART's ``PyTorchRandomizedSmoothing.certify`` when the optional package
+   ``adversarial-robustness-toolbox`` is installed.
+
+Timings alternate between methods over several rounds and report the median,
+since shared machines are noisy. Peak memory of certify is measured for two
+values of ``n`` in fresh subprocesses (the process's maximum resident size).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import statistics
+import subprocess
+import sys
+import time
+
+import numpy as np
+import torch
+
+from .models import build_model, model_spec
+from .noises import Gaussian
+from .smooth import Smooth
+
+
+def configure(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--model", default="mnist_cnn", help="model name (default: mnist_cnn)")
+    parser.add_argument("--batch-size", type=int, default=1000)
+    parser.add_argument("--n", type=int, default=20_000, help="estimation samples per certify call")
+    parser.add_argument("--n0", type=int, default=100)
+    parser.add_argument("--rounds", type=int, default=3, help="alternating rounds; the median is reported")
+    parser.add_argument("--scale", type=float, default=0.25, help="Gaussian noise level")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
+    parser.add_argument("--memory", type=int, nargs="*", default=[10_000, 100_000],
+                        help="values of n whose peak memory is measured (empty: skip)")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--json", default=None, help="also write the results to this JSON file")
+    parser.add_argument("--memory-child", type=int, default=None, help=argparse.SUPPRESS)
+
+
+def _timed(fn) -> float:
+    start = time.perf_counter()
+    fn()
+    return time.perf_counter() - start
+
+
+def _setup(args):
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    torch.manual_seed(args.seed)
+    spec = model_spec(args.model)
+    model = build_model(args.model).to(args.device).eval()
+    x = torch.rand(spec.input_shape, device=args.device)
+    return model, spec, x
+
+
+def cohen_reference_certify(model, x, noise_scale, n0, n, batch_size, num_classes, alpha=0.001):
+    """Cohen et al.'s loop as usually written: one image, noise drawn per batch on the
+    device, predictions copied to the host and counted with NumPy."""
+    from scipy.stats import beta
+
+    def sample(num):
+        counts = np.zeros(num_classes, dtype=int)
+        with torch.no_grad():
+            remaining = num
+            while remaining > 0:
+                size = min(batch_size, remaining)
+                remaining -= size
+                batch = x.repeat((size, 1, 1, 1))
+                noise = torch.randn_like(batch) * noise_scale
+                predictions = model(batch + noise).argmax(1)
+                counts += np.bincount(predictions.cpu().numpy(), minlength=num_classes)
+        return counts
+
+    top = sample(n0).argmax()
+    k = sample(n)[top]
+    return beta.ppf(alpha, k, n - k + 1) if k > 0 else 0.0
+
+
+def _art_certify(model, spec, x, args):
+    """ART's randomized smoothing certify, or None when ART is not installed."""
+    try:
+        from art.estimators.certification.randomized_smoothing import PyTorchRandomizedSmoothing
+    except ImportError:
+        return None
+    classifier = PyTorchRandomizedSmoothing(
+        model=model, loss=torch.nn.CrossEntropyLoss(), input_shape=spec.input_shape,
+        nb_classes=spec.num_classes, clip_values=(0.0, 1.0), sample_size=args.n,
+        scale=args.scale, alpha=0.001, device_type="gpu" if args.device.startswith("cuda") else "cpu",
+    )
+    batch = x[None].cpu().numpy()
+    return lambda: classifier.certify(batch, n=args.n, batch_size=args.batch_size)
+
+
+def _memory_child(args) -> int:
+    """Run certify with n = args.memory_child and print the peak memory (MiB) it added
+    above a warm-up call with two batches (imports, thread pools and allocator
+    caches are paid by the warm-up, so what remains is what scales with n)."""
+    import resource
+
+    model, spec, x = _setup(args)
+    smooth = Smooth(model, spec.num_classes, Gaussian(args.scale))
+    smooth.certify(x, args.n0, 2 * args.batch_size, 0.001, args.batch_size, generator=args.seed)
+    warm_kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    smooth.certify(x, args.n0, args.memory_child, 0.001, args.batch_size, generator=args.seed)
+    peak_kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    result = {"peak_rss_mib": round(peak_kib / 1024, 1), "added_mib": round((peak_kib - warm_kib) / 1024, 1)}
+    if args.device.startswith("cuda"):
+        result["cuda_peak_mib"] = round(torch.cuda.max_memory_allocated() / 2**20, 1)
+    print(json.dumps(result))
+    return 0
+
+
+def _peak_memory(args, n):
+    command = [sys.executable, "-m", "ucan_smoothing.cli", "bench", "--model", args.model,
+               "--batch-size", str(args.batch_size), "--n0", str(args.n0), "--device", args.device,
+               "--memory-child", str(n)]
+    if args.threads:
+        command += ["--threads", str(args.threads)]
+    out = subprocess.run(command, check=True, capture_output=True, text=True).stdout
+    return json.loads(out.strip().splitlines()[-1])
+
+
+def run(args) -> int:
+    if args.memory_child is not None:
+        return _memory_child(args)
+    model, spec, x = _setup(args)
+    noise = Gaussian(args.scale)
+    smooth = Smooth(model, spec.num_classes, noise)
+    samples = args.n0 + args.n
+    batches = -(-samples // args.batch_size)
+    noisy = (x + noise.sample((args.batch_size, *spec.input_shape), device=args.device)).contiguous()
+
+    def raw_forward():
+        with torch.inference_mode():
+            for _ in range(batches):
+                model(noisy).argmax(1)
+        if args.device.startswith("cuda"):
+            torch.cuda.synchronize()
+
+    def certify():
+        smooth.certify(x, args.n0, args.n, 0.001, args.batch_size, generator=args.seed)
+
+    def reference():
+        cohen_reference_certify(model, x, args.scale, args.n0, args.n, args.batch_size, spec.num_classes)
+
+    methods = {"raw forward (limit)": (raw_forward, batches * args.batch_size),
+               "Smooth.certify": (certify, samples),
+               "Cohen-style loop": (reference, samples)}
+    art = _art_certify(model, spec, x, args)
+    if art is not None:
+        methods["ART certify"] = (art, samples)
+
+    raw_forward()  # warm-up: allocator, kernels, thread pools
+    times = {name: [] for name in methods}
+    for _ in range(args.rounds):
+        for name, (fn, _) in methods.items():
+            times[name].append(_timed(fn))
+    throughput = {name: methods[name][1] / statistics.median(t) for name, t in times.items()}
+    limit = throughput["raw forward (limit)"]
+
+    print(f"model {args.model}, batch {args.batch_size}, n0 {args.n0} + n {args.n}, device {args.device}, "
+          f"{torch.get_num_threads()} threads, {platform.processor() or platform.machine()}")
+    print(f"{'method':<22}{'samples/s':>12}{'ratio to limit':>16}")
+    for name, value in throughput.items():
+        print(f"{name:<22}{value:>12.0f}{value / limit:>16.3f}")
+    if art is None:
+        print("(ART not installed: pip install adversarial-robustness-toolbox to compare)")
+
+    memory = {}
+    for n in args.memory:
+        memory[n] = _peak_memory(args, n)
+        print(f"peak memory of certify with n = {n:>7}: {memory[n]}")
+    if args.json:
+        with open(args.json, "w") as handle:
+            json.dump({"config": vars(args), "samples_per_s": throughput, "memory": memory,
+                       "torch": torch.__version__}, handle, indent=2, default=str)
+    return 0
