@@ -241,3 +241,17 @@ class Smooth:
                 )
             )
         return certificates
+
+    # -- sequential (fewer samples for a fixed question; see sequential.py) ---------
+    def certify_radius(self, x, radius: float, norm, alpha: float, **options):
+        """Is ``x`` certified at ``radius`` in ``norm``? Stops as soon as known;
+        see :func:`ucan_smoothing.sequential.certify_radius` for ``options``."""
+        from .sequential import certify_radius
+
+        return certify_radius(self, x, radius, norm, alpha, **options)
+
+    def predict_sequential(self, x, alpha: float, **options):
+        """PREDICT with early stopping; see :func:`ucan_smoothing.sequential.predict_sequential`."""
+        from .sequential import predict_sequential
+
+        return predict_sequential(self, x, alpha, **options)
