@@ -257,3 +257,12 @@ def test_unreachable_radius():
     smooth = Smooth(OneAxisThreshold(0.0), 2, Uniform(0.7))
     with pytest.raises(ValueError, match="cannot be certified"):
         certify_radius(smooth, torch.tensor([0.5, 0.0]), 0.8, 1, 0.001)
+
+
+def test_smooth_methods_delegate_to_the_module():
+    model, smooth, p_true = linear_setup()
+    radius = radius_at(smooth.noise, p_true, 2, (8,)) / 2
+    assert smooth.certify_radius(X, radius, "l2", 0.001, generator=1) == certify_radius(
+        smooth, X, radius, 2, 0.001, generator=1
+    )
+    assert smooth.predict_sequential(X, 0.001, generator=0).prediction == model.label(X, MU)
