@@ -221,8 +221,10 @@ class Betting:
         bet_for, bet_against = self._bets()
         hits, chunk = int(votes[self.cls]), int(votes.sum())
         misses = chunk - hits
+        # each vote X multiplies the wealth by 1 + bet * (X - p0)
         self.log_wealth += hits * math.log1p(bet_for * (1 - p0)) + misses * math.log1p(-bet_for * p0)
-        self.log_wealth_against += hits * math.log1p(-bet_against * (1 - p0)) + misses * math.log1p(bet_against * p0)
+        against = hits * math.log1p(-bet_against * (1 - p0)) + misses * math.log1p(bet_against * p0)
+        self.log_wealth_against += against
         self.hits += hits
         self.n += chunk
         self.stages_run += 1
@@ -365,8 +367,9 @@ def certify_radius_batch(
 ) -> list:
     """:func:`certify_radius` for each input of the batch ``xs``; the inputs still
     undecided share the forward batches of each stage."""
-    return _certify_radius(smooth, smooth._prepare(xs, single=False), radius, norm, alpha, n0, max_n,
-                           stages, first, method, batch_size, generator)
+    xs = smooth._prepare(xs, single=False)
+    options = (n0, max_n, stages, first, method, batch_size, generator)
+    return _certify_radius(smooth, xs, radius, norm, alpha, *options)
 
 
 def certify_radius(
@@ -394,8 +397,9 @@ def certify_radius(
     ``P(decision is True but the smoothed classifier is not robust at radius
     with that class) <= alpha``.
     """
-    return _certify_radius(smooth, smooth._prepare(x, single=True), radius, norm, alpha, n0, max_n,
-                           stages, first, method, batch_size, generator)[0]
+    xs = smooth._prepare(x, single=True)
+    options = (n0, max_n, stages, first, method, batch_size, generator)
+    return _certify_radius(smooth, xs, radius, norm, alpha, *options)[0]
 
 
 def _certify_radius(smooth, xs, radius, norm, alpha, n0, max_n, stages, first, method, batch_size, generator):
@@ -404,7 +408,7 @@ def _certify_radius(smooth, xs, radius, norm, alpha, n0, max_n, stages, first, m
     method = _check_method(method)
     norm = parse_norm(norm)
     threshold = p_needed(smooth.noise, radius, norm, tuple(xs.shape[1:]))
-    schedule = geometric_schedule(max_n, stages or DEFAULT_STAGES[method], first)
+    schedule = geometric_schedule(max_n, DEFAULT_STAGES[method] if stages is None else stages, first)
     _check_budget(method, schedule, threshold, alpha, float(radius))
 
     generator = _resolve_generator(generator, xs.device)
@@ -458,24 +462,38 @@ class SequentialPrediction:
 
 
 def predict_sequential_batch(
-    smooth, xs, alpha: float, *, max_n: int = 100_000, stages: int = DEFAULT_STAGES["cp"], first: int = 100,
-    batch_size: int = 1000, generator=None,
+    smooth,
+    xs,
+    alpha: float,
+    *,
+    max_n: int = 100_000,
+    stages: int = DEFAULT_STAGES["cp"],
+    first: int = 100,
+    batch_size: int = 1000,
+    generator=None,
 ) -> list:
     """:func:`predict_sequential` for each input of the batch ``xs``."""
-    return _predict_sequential(smooth, smooth._prepare(xs, single=False), alpha, max_n, stages, first,
-                               batch_size, generator)
+    xs = smooth._prepare(xs, single=False)
+    return _predict_sequential(smooth, xs, alpha, max_n, stages, first, batch_size, generator)
 
 
 def predict_sequential(
-    smooth, x, alpha: float, *, max_n: int = 100_000, stages: int = DEFAULT_STAGES["cp"], first: int = 100,
-    batch_size: int = 1000, generator=None,
+    smooth,
+    x,
+    alpha: float,
+    *,
+    max_n: int = 100_000,
+    stages: int = DEFAULT_STAGES["cp"],
+    first: int = 100,
+    batch_size: int = 1000,
+    generator=None,
 ) -> SequentialPrediction:
     """Cohen's PREDICT with early stopping: after each of ``stages`` geometric
     stages (at most ``max_n`` samples), the two-sided binomial test of the top
     two classes at level ``alpha / stages``. Returns at the first significant
     stage; a tie is never decided, so it abstains only after ``max_n``."""
-    return _predict_sequential(smooth, smooth._prepare(x, single=True), alpha, max_n, stages, first,
-                               batch_size, generator)[0]
+    xs = smooth._prepare(x, single=True)
+    return _predict_sequential(smooth, xs, alpha, max_n, stages, first, batch_size, generator)[0]
 
 
 def _predict_sequential(smooth, xs, alpha, max_n, stages, first, batch_size, generator):
