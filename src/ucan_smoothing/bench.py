@@ -95,7 +95,7 @@ def _art_certify(model, spec, x, args):
         return None
     classifier = PyTorchRandomizedSmoothing(
         model=model, loss=torch.nn.CrossEntropyLoss(), input_shape=spec.input_shape,
-        nb_classes=spec.num_classes, clip_values=(0.0, 1.0), sample_size=args.n,
+        nb_classes=spec.num_classes, clip_values=(0.0, 1.0), sample_size=args.n0,
         scale=args.scale, alpha=0.001, device_type="gpu" if args.device.startswith("cuda") else "cpu",
     )
     batch = x[None].cpu().numpy()
@@ -175,7 +175,7 @@ def run(args) -> int:
     for name, value in throughput.items():
         print(f"{name:<22}{value:>12.0f}{value / limit:>16.3f}")
     if art is None:
-        print("(ART not installed: pip install adversarial-robustness-toolbox to compare)")
+        print("(ART not installed: pip install -e ".[bench]" to compare)")
 
     memory = {}
     for n in args.memory:
