@@ -175,7 +175,7 @@ def run(args) -> int:
     for name, value in throughput.items():
         print(f"{name:<22}{value:>12.0f}{value / limit:>16.3f}")
     if art is None:
-        print("(ART not installed: pip install -e ".[bench]" to compare)")
+        print('(ART not installed: pip install -e ".[bench]" to compare)')
 
     memory = {}
     for n in args.memory:
