@@ -223,8 +223,10 @@ class PatternFixedGenerator(NoiseGenerator):
             self.log_kappa = nn.Parameter(torch.tensor(math.log(kappa)))
             self.log_iota = nn.Parameter(torch.tensor(math.log(iota)))
         else:
-            self.register_buffer("_kappa", torch.tensor(kappa), persistent=False)
-            self.register_buffer("_iota", torch.tensor(iota), persistent=False)
+            # float64 0-dim buffers: exact values in describe(); a 0-dim tensor does not
+            # change the float32 result dtype of the forward pass.
+            self.register_buffer("_kappa", torch.tensor(kappa, dtype=torch.float64), persistent=False)
+            self.register_buffer("_iota", torch.tensor(iota, dtype=torch.float64), persistent=False)
 
     @property
     def kappa(self) -> torch.Tensor:

