@@ -1,0 +1,183 @@
+"""Certify a trained run on a data split, one TSV row per image, resumable.
+
+``ucan certify RUN --out results.tsv`` runs Cohen's CERTIFY (or, with
+``--radius``, the sequential test of :mod:`ucan_smoothing.sequential`) on every
+``--skip``-th test image, at most ``--max`` of them. Rows are appended as
+images finish; killing the process and running the same command again goes on
+where it stopped. Each image draws its noise from its own seed
+(``--seed`` and its index), so a resumed or multi-process run gives the same
+rows as a single uninterrupted one. Under ``torchrun`` the images are split
+across processes, each writes its own part, and rank 0 merges them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import time
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+from .data import load_dataset
+from .distributed import cleanup, init_distributed
+from .norms import norm_name, parse_norm
+from .results import (
+    RESULT_SCHEMA,
+    SEQUENTIAL_COLUMNS,
+    ResultWriter,
+    describe_noise,
+    merge_shards,
+    row_from_certificate,
+    shard_path,
+    split_indices,
+)
+from .sequential import certify_radius
+from .smooth import ABSTAIN, Certificate, Smooth
+from .train import load_trained
+
+
+def configure(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("run", help="run folder or checkpoint written by `ucan train`")
+    parser.add_argument("--out", required=True, help="result file (TSV); a JSON sidecar is written beside it")
+    parser.add_argument("--dataset", default=None, help="data set (default: the one the model was trained on)")
+    parser.add_argument("--split", default="test", help="train, test or foolbox (the real sample images)")
+    parser.add_argument("--data-root", default=None, help="folder of the data set in its standard format")
+    parser.add_argument("--n0", type=int, default=100, help="selection samples (default 100)")
+    parser.add_argument("--n", type=int, default=100_000, help="estimation samples (default 100,000)")
+    parser.add_argument("--alpha", type=float, default=0.001, help="failure probability (default 0.001)")
+    parser.add_argument("--batch-size", type=int, default=1000, help="noisy samples per forward pass")
+    parser.add_argument("--skip", type=int, default=1, help="certify every k-th image (default 1)")
+    parser.add_argument("--max", type=int, default=None, help="certify at most this many images")
+    parser.add_argument("--seed", type=int, default=0, help="noise seed; image i uses (seed, i)")
+    parser.add_argument("--device", default=None, help="cpu, cuda, cuda:1 (default: cuda when available)")
+    parser.add_argument("--radius", type=float, default=None,
+                        help="sequential mode: only decide whether each image is certified at this radius")
+    parser.add_argument("--norm", default=None, help="norm of --radius (default: the noise's native norm)")
+    parser.add_argument("--method", choices=("cp", "betting"), default="cp", help="sequential test (default cp)")
+    parser.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
+
+
+def _file_digest(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _checkpoint_file(run: Path) -> Path:
+    if run.is_dir():
+        for name in ("final.pt", "last.pt"):
+            if (run / name).is_file():
+                return run / name
+    return run
+
+
+def _npg_description(trained) -> str:
+    if trained.generator is None:
+        return "none"
+    info = trained.generator.describe()
+    return f"{info['kind']}:p={info['p']}" if "p" in info else info["kind"]
+
+
+def image_generator(seed: int, idx: int, device: torch.device) -> torch.Generator:
+    """The noise stream of image ``idx``: independent of which process or run certifies it."""
+    generator = torch.Generator(device=device)
+    generator.manual_seed((seed & 0xFFFFFFFF) << 32 | (idx & 0xFFFFFFFF))
+    return generator
+
+
+def _sequential_certificate(smooth, x, args, generator) -> Certificate:
+    """A certificate built from the sequential test's stopping bound (valid, see sequential.py)."""
+    decision = certify_radius(smooth, x, args.radius, args.norm, args.alpha, n0=args.n0, max_n=args.n,
+                              method=args.method, batch_size=args.batch_size, generator=generator)
+    abstain = decision.p_lower <= 0.5
+    return Certificate(
+        prediction=ABSTAIN if abstain else decision.selected,
+        p_lower=decision.p_lower,
+        norm=smooth.noise.primary_norm,
+        regions=() if abstain else tuple(smooth.noise.regions(decision.p_lower, tuple(x.shape))),
+        is_certificate=smooth.noise.is_certificate,
+        n0=decision.n0,
+        n=decision.n,
+        alpha=args.alpha,
+        top_count=decision.top_count,
+    ), decision
+
+
+def run(args) -> int:
+    context = init_distributed(args.device)
+    try:
+        return _certify(args, context)
+    finally:
+        cleanup(context)
+
+
+def _certify(args, context) -> int:
+    run_path = Path(args.run)
+    trained = load_trained(run_path, expected_dataset=args.dataset)
+    dataset_name = args.dataset or trained.meta["dataset"]
+    noise = trained.noise()
+    model = trained.model.to(context.device)
+    smooth = Smooth(model, trained.num_classes, noise, input_shape=trained.input_shape)
+    sequential = args.radius is not None
+    if sequential:
+        args.norm = noise.primary_norm if args.norm is None else parse_norm(args.norm)
+    data = load_dataset(dataset_name, args.split, args.data_root)
+    if args.skip < 1 or (args.max is not None and args.max < 1):
+        raise ValueError("--skip and --max must be >= 1")
+    indices = list(range(0, len(data), args.skip))[: args.max]
+
+    config = {
+        "checkpoint": str(_checkpoint_file(run_path).resolve()),
+        "checkpoint_sha256": _file_digest(_checkpoint_file(run_path)),
+        "dataset": dataset_name, "split": args.split, "data_root": args.data_root,
+        "n0": args.n0, "n": args.n, "alpha": args.alpha, "batch_size": args.batch_size,
+        "skip": args.skip, "max": args.max, "seed": args.seed,
+        "noise": noise.describe(), "npg": _npg_description(trained),
+        "is_certificate": noise.is_certificate,
+        "mode": f"sequential-{args.method}" if sequential else "certify",
+        "radius": args.radius, "norm": norm_name(args.norm) if sequential else None,
+        "out": str(args.out), "progress": args.progress, "device": str(context.device),
+    }
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    target = shard_path(out, context.rank, context.world_size) if context.distributed else out
+    schema = RESULT_SCHEMA.with_columns(*SEQUENTIAL_COLUMNS) if sequential else RESULT_SCHEMA
+    noise_text, npg_text = describe_noise(noise), config["npg"]
+
+    with ResultWriter(target, config, schema=schema, non_identity=("out", "progress", "device")) as writer:
+        mine = [i for i in split_indices(indices, context.rank, context.world_size) if i not in writer.done_indices()]
+        done = len(split_indices(indices, context.rank, context.world_size)) - len(mine)
+        bar = tqdm(total=len(mine) + done, initial=done, unit="image", disable=not (args.progress and context.is_main))
+        certified = abstained = finished = 0
+        for idx in mine:
+            x, label = data[idx]
+            start = time.perf_counter()
+            generator = image_generator(args.seed, idx, context.device)
+            if sequential:
+                certificate, decision = _sequential_certificate(smooth, x, args, generator)
+            else:
+                certificate = smooth.certify(x, args.n0, args.n, args.alpha, args.batch_size, generator=generator)
+            row = row_from_certificate(idx, int(label), certificate, time.perf_counter() - start, noise_text, npg_text)
+            if sequential:
+                row.update(mode=config["mode"], decided_radius=args.radius, samples_used=decision.samples_used)
+            writer.write(row)
+            finished += 1
+            abstained += certificate.abstained
+            certified += row["correct"]
+            bar.set_postfix(abstain=abstained, cert_acc=f"{certified / finished:.3f}")
+            bar.update(1)
+        bar.close()
+
+    if context.distributed:
+        context.barrier()
+        if context.is_main:
+            merge_shards(out, context.world_size, expected_indices=indices, non_identity=("out", "progress", "device"))
+        context.barrier()
+    if context.is_main:
+        label = "" if noise.is_certificate else " (NOT a certificate: paper-mode figures)"
+        print(f"wrote {out} ({len(indices)} images){label}")
+    return 0

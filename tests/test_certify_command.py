@@ -1,0 +1,98 @@
+"""`ucan certify`: rows, resume after a real kill, refusal of a changed config,
+sequential mode and a two-process run that merges into the single-process file."""
+
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+from ucan_smoothing.cli import main
+from ucan_smoothing.results import read_results, read_sidecar
+from ucan_smoothing.train import train_classifier
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory):
+    try:
+        return train_classifier(max_train=256, max_test=64, epochs=1, out=str(tmp_path_factory.mktemp("run") / "r"),
+                                progress=False, seed=0)
+    except FileNotFoundError as error:  # MNIST wheel not installed
+        pytest.skip(str(error))
+
+
+def certify_args(run_dir, out, *extra):
+    return ["certify", str(run_dir), "--out", str(out), "--n0", "32", "--n", "300", "--skip", "3", "--max", "8",
+            "--batch-size", "400", "--no-progress", *extra]
+
+
+def without_time(rows):
+    return [{k: v for k, v in row.items() if k != "time"} for row in rows]
+
+
+def test_rows_follow_the_result_format(run_dir, tmp_path):
+    out = tmp_path / "cert.tsv"
+    assert main(certify_args(run_dir, out)) == 0
+    rows = read_results(out)
+    assert [row["idx"] for row in rows] == [0, 3, 6, 9, 12, 15, 18, 21]
+    header = out.read_text().splitlines()[0].split("\t")
+    assert header[:6] == ["idx", "label", "predict", "radius", "correct", "time"]
+    for row in rows:
+        assert row["noise"] == "gaussian:0.25" and row["npg"] == "none" and row["is_certificate"] is True
+        assert row["radius"] == row["radius_l2"] >= row["radius_linf"]
+        assert row["correct"] == int(row["predict"] == row["label"])
+    sidecar = read_sidecar(out)
+    assert sidecar["config"]["n"] == 300 and "torch" in str(sidecar["runs"][0])
+
+
+def test_resume_after_a_real_kill_gives_the_uninterrupted_rows(run_dir, tmp_path):
+    reference = tmp_path / "reference.tsv"
+    assert main(certify_args(run_dir, reference, "--n", "4000")) == 0
+    out = tmp_path / "killed.tsv"
+    command = [sys.executable, "-m", "ucan_smoothing.cli", *certify_args(run_dir, out, "--n", "4000")]
+    for _ in range(2):
+        process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        before = len(read_results(out)) if out.exists() else 0
+        deadline = time.time() + 60
+        while time.time() < deadline and process.poll() is None:
+            if out.exists() and out.read_text().count("\n") > before + 2:  # header + at least 2 new rows
+                break
+            time.sleep(0.05)
+        process.send_signal(signal.SIGKILL)
+        process.wait()
+    assert len(read_results(out)) < 8, "the run finished before it could be killed"
+    assert main(certify_args(run_dir, out, "--n", "4000")) == 0
+    assert without_time(read_results(out)) == without_time(read_results(reference))
+
+
+def test_a_changed_config_is_refused(run_dir, tmp_path):
+    out = tmp_path / "cert.tsv"
+    assert main(certify_args(run_dir, out)) == 0
+    assert main(certify_args(run_dir, out, "--alpha", "0.01")) == 2
+
+
+def test_sequential_mode_writes_its_decision(run_dir, tmp_path):
+    out = tmp_path / "seq.tsv"
+    assert main(certify_args(run_dir, out, "--radius", "0.25", "--n", "2000")) == 0
+    rows = read_results(out)
+    assert len(rows) == 8
+    for row in rows:
+        assert row["mode"] == "sequential-cp" and row["decided_radius"] == 0.25
+        assert row["samples_used"] <= 32 + 2000
+        if row["radius_l2"] >= 0.25:  # certified at the asked radius
+            assert row["predict"] != -1
+    assert any(row["samples_used"] < 32 + 2000 for row in rows), "no image stopped early"
+
+
+def test_two_processes_merge_into_the_single_process_file(run_dir, tmp_path):
+    single = tmp_path / "single.tsv"
+    assert main(certify_args(run_dir, single)) == 0
+    merged = tmp_path / "merged.tsv"
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29533",
+               # `--` stops torchrun from reading our options (`--n` is a prefix of its `--nnodes`)
+               "-m", "--", "ucan_smoothing.cli", *certify_args(run_dir, merged)]
+    subprocess.run(command, check=True, env=env, capture_output=True, timeout=180)
+    assert without_time(read_results(merged)) == without_time(read_results(single))
