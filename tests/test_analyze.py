@@ -1,0 +1,212 @@
+"""`ucan analyze`: exact figures on small synthetic result files, the ALM and
+non-certificate labelling, Cohen-format and sequential files, plots, errors."""
+
+import csv
+
+import matplotlib.pyplot as plt
+import pytest
+import torch
+
+from ucan_smoothing import analyze
+from ucan_smoothing.analyze import (
+    ALM_NAME,
+    NOT_CERTIFICATE,
+    accuracy_key,
+    acr_key,
+    markdown_table,
+    plot_certified_accuracy,
+    plot_sigma_maps,
+    summarize,
+)
+from ucan_smoothing.cli import main
+from ucan_smoothing.results import RESULT_SCHEMA, SEQUENTIAL_COLUMNS, ResultFileError, ResultWriter
+
+# (label, predict, l1, l2, linf, alm, time): radii chosen so every figure is known exactly
+ROWS = [
+    (1, 1, 0.6, 0.6, 0.02, 0.9, 1.0),   # correct, certified far
+    (2, 2, 0.3, 0.3, 0.01, 0.4, 2.0),   # correct, certified near
+    (1, 3, 0.8, 0.8, 0.03, 1.2, 3.0),   # wrong prediction: its radius must count as 0
+    (4, -1, 0.0, 0.0, 0.0, 0.0, 4.0),   # abstained
+    (5, 5, 0.1, 0.1, 0.004, 0.5, 5.0),  # correct, certified barely
+]
+
+
+def make_row(idx, label, predict, l1, l2, linf, alm, seconds, is_certificate=True):
+    return {
+        "idx": idx, "label": label, "predict": predict, "radius": l2, "correct": int(predict == label),
+        "time": seconds, "radius_l1": l1, "radius_l2": l2, "radius_linf": linf, "alm": alm, "p_lower": 0.9,
+        "n0": 100, "n": 1000, "alpha": 0.001, "noise": "gaussian:0.25", "npg": "universal",
+        "is_certificate": is_certificate,
+    }
+
+
+def write_file(path, rows, schema=RESULT_SCHEMA):
+    with ResultWriter(path, {"test": str(path)}, schema=schema) as writer:
+        for row in rows:
+            writer.write(row)
+    return path
+
+
+@pytest.fixture
+def ucan_file(tmp_path):
+    return write_file(tmp_path / "ucan.tsv", [make_row(i, *values) for i, values in enumerate(ROWS)])
+
+
+@pytest.fixture
+def paper_file(tmp_path):
+    rows = [make_row(i, *values, is_certificate=False) for i, values in enumerate(ROWS)]
+    return write_file(tmp_path / "paper.tsv", rows)
+
+
+@pytest.fixture
+def cohen_file(tmp_path):
+    # Cohen et al.'s own format: six columns, time as str(timedelta)
+    path = tmp_path / "cohen.tsv"
+    path.write_text("idx\tlabel\tpredict\tradius\tcorrect\ttime\n"
+                    "0\t3\t3\t0.7\t1\t0:00:01.500000\n"
+                    "10\t8\t8\t0.2\t1\t0:00:02.500000\n"
+                    "20\t0\t-1\t0.0\t0\t0:00:03.500000\n"
+                    "30\t6\t2\t0.9\t0\t0:00:04.500000\n")
+    return path
+
+
+def test_exact_certified_accuracy_acr_abstention_time(ucan_file):
+    (row,) = summarize([ucan_file])
+    assert row["method"] == "ucan" and row["images"] == 5 and row["guarantee"] == "proven"
+    expected_l2 = {0.0: 3 / 5, 0.25: 2 / 5, 0.5: 1 / 5, 0.75: 0.0, 1.0: 0.0}  # the wrong row's 0.8 never counts
+    for r, value in expected_l2.items():
+        assert row[accuracy_key("l2", r)] == pytest.approx(value)
+        assert row[accuracy_key("l1", r)] == pytest.approx(value)
+    assert row[accuracy_key("linf", 0.005)] == pytest.approx(2 / 5)
+    assert row[accuracy_key("linf", 0.02)] == pytest.approx(1 / 5)
+    assert row[accuracy_key("alm", 0.5)] == pytest.approx(2 / 5)  # 0.9 and 0.5, not the wrong row's 1.2
+    assert row[acr_key("l2")] == pytest.approx((0.6 + 0.3 + 0.1) / 5)
+    assert row[acr_key("linf")] == pytest.approx((0.02 + 0.01 + 0.004) / 5)
+    assert row[acr_key("alm")] == pytest.approx((0.9 + 0.4 + 0.5) / 5)
+    assert row["abstention rate"] == pytest.approx(1 / 5)
+    assert row["time per image (s)"] == pytest.approx(3.0)
+    assert row["samples per image"] == 1100
+    assert row["noise"] == "gaussian:0.25" and row["npg"] == "universal"
+
+
+def test_radii_can_be_chosen_per_norm_or_for_all(ucan_file):
+    (row,) = summarize([ucan_file], radii={"l2": [0.3, 0.1]})
+    assert row[accuracy_key("l2", 0.3)] == pytest.approx(2 / 5)  # radius >= r is inclusive
+    assert accuracy_key("l2", 0.25) not in row
+    assert accuracy_key("linf", 0.01) in row  # other norms keep their defaults
+    (row,) = summarize([ucan_file], radii=[0.05])
+    assert [key for key in row if ">=" in key] == [accuracy_key(n, 0.05) for n in ("l1", "l2", "linf", "alm")]
+    with pytest.raises(ValueError, match="radii"):
+        summarize([ucan_file], radii={"l2": [-1]})
+
+
+def test_rows_work_like_files(ucan_file):
+    rows = [make_row(i, *values) for i, values in enumerate(ROWS)]
+    from_rows = summarize({"mine": rows})[0]
+    from_file = summarize([ucan_file])[0]
+    assert from_rows["method"] == "mine"
+    assert {k: v for k, v in from_rows.items() if k not in ("method", "file")} == \
+           {k: v for k, v in from_file.items() if k not in ("method", "file")}
+
+
+def test_alm_is_never_headed_as_a_certified_radius(ucan_file, tmp_path):
+    summary = summarize([ucan_file])
+    table = markdown_table(summary)
+    headers = [cell.strip() for line in table.splitlines() if line.startswith("| method")
+               for cell in line.strip("|").split("|")]
+    alm_headers = [h for h in headers if "ALM" in h]
+    assert len(alm_headers) == 1 + len(analyze.DEFAULT_RADII["alm"])  # the mean and one per threshold
+    assert all("not a certified radius" in h for h in alm_headers)
+    assert all("ALM" not in h for h in headers if "certified accuracy" in h or h.startswith(("l1", "l2", "l_inf")))
+    assert f"{ALM_NAME} >= 0.5" in headers
+    path = analyze.write_csv(summary, tmp_path / "summary.csv")
+    with open(path, newline="") as handle:
+        csv_headers = next(csv.reader(handle))
+    assert all("not a certified radius" in h for h in csv_headers if "ALM" in h.upper())
+
+
+def test_non_certificate_methods_are_marked(ucan_file, paper_file):
+    summary = summarize([ucan_file, paper_file], labels=["fixed", "input-dependent"])
+    assert [row["guarantee"] for row in summary] == ["proven", NOT_CERTIFICATE]
+    table = markdown_table(summary)
+    marked = [line for line in table.splitlines() if line.startswith("| input-dependent")]
+    assert len(marked) == 5 and all("NOT a certificate" in line for line in marked)  # every table
+    assert not any("NOT a certificate" in line for line in table.splitlines() if line.startswith("| fixed"))
+
+
+def test_a_mixed_file_is_refused(tmp_path):
+    rows = [make_row(0, *ROWS[0]), make_row(1, *ROWS[1], is_certificate=False)]
+    path = write_file(tmp_path / "mixed.tsv", rows)
+    with pytest.raises(ResultFileError, match="mixes proven certificates with 1 rows that are NOT"):
+        summarize([path])
+
+
+def test_cohen_format_gives_its_native_radius_only(cohen_file):
+    (row,) = summarize([cohen_file])
+    assert row[accuracy_key("l2", 0.0)] == pytest.approx(2 / 4)
+    assert row[accuracy_key("l2", 0.5)] == pytest.approx(1 / 4)  # the wrong row's 0.9 does not count
+    assert row[acr_key("l2")] == pytest.approx((0.7 + 0.2) / 4)
+    assert row[accuracy_key("l1", 0.0)] is None and row[acr_key("alm")] is None
+    assert row["time per image (s)"] == pytest.approx(3.0) and row["samples per image"] is None
+    assert row["abstention rate"] == pytest.approx(1 / 4)
+    assert "Cohen format" in row["format"] and "n/a" in markdown_table([row])
+    (row,) = summarize([cohen_file], cohen_norm="l1")
+    assert row[acr_key("l1")] == pytest.approx((0.7 + 0.2) / 4) and row[acr_key("l2")] is None
+
+
+def test_sequential_files_report_samples_used(tmp_path):
+    rows = [{**make_row(i, *values), "mode": "sequential-cp", "decided_radius": 0.25, "samples_used": samples}
+            for i, (values, samples) in enumerate(zip(ROWS, (200, 400, 600, 800, 1000)))]
+    path = write_file(tmp_path / "seq.tsv", rows, RESULT_SCHEMA.with_columns(*SEQUENTIAL_COLUMNS))
+    (row,) = summarize([path])
+    assert row["samples per image"] == pytest.approx(600)
+    assert row["format"].startswith("sequential") and "0.25" in row["format"]
+    assert "understates" in markdown_table([row])
+
+
+def test_cli_writes_tables_and_a_readable_plot(ucan_file, paper_file, cohen_file, tmp_path, capsys):
+    out = tmp_path / "report"
+    status = main(["analyze", str(ucan_file), str(paper_file), str(cohen_file),
+                   "--label", "fixed", "--label", "paper", "--label", "cohen",
+                   "--radii-linf", "0", "0.01", "--out", str(out)])
+    assert status == 0
+    printed = capsys.readouterr().out
+    assert "| fixed | proven |" in printed and "l_inf >= 0.01" in printed and "l_inf >= 0.005" not in printed
+    assert (out / "summary.md").read_text() == printed.rstrip("\n") + "\n"
+    with open(out / "summary.csv", newline="") as handle:
+        assert [row["method"] for row in csv.DictReader(handle)] == ["fixed", "paper", "cohen"]
+    picture = plt.imread(out / "certified_accuracy.png")
+    assert picture.shape[0] > 500 and picture.shape[1] > 800
+    assert picture[..., :3].std() > 0.05  # not a blank canvas
+
+
+def test_plot_accepts_a_mapping_of_rows(tmp_path):
+    rows = [make_row(i, *values) for i, values in enumerate(ROWS)]
+    path = plot_certified_accuracy({"a": rows, "b": rows[:3]}, tmp_path / "plot.png")
+    assert path.stat().st_size > 20_000
+
+
+def test_sigma_maps_from_tensors_and_run_folders(tmp_path):
+    run = tmp_path / "run"
+    run.mkdir()
+    sigma = torch.linspace(0.5, 2.0, 64).reshape(1, 8, 8)
+    torch.save(sigma, run / "sigma.pt")
+    torch.save(torch.zeros(1, 8, 8), run / "mu.pt")
+    path = plot_sigma_maps({"from a run": run, "from a tensor": sigma.flip(-1)}, tmp_path / "sigma_maps.png")
+    picture = plt.imread(path)
+    assert picture.shape[0] > 400 and picture[..., :3].std() > 0.05
+    with pytest.raises(FileNotFoundError, match="no sigma"):
+        plot_sigma_maps([tmp_path / "missing"], tmp_path / "x.png")
+
+
+def test_clear_errors(ucan_file, tmp_path, capsys):
+    broken = tmp_path / "broken.tsv"
+    broken.write_text("idx\tlabel\tpredict\tradius\tcorrect\ttime\n0\t1\t1\tnope\t1\t0.5\n")
+    assert main(["analyze", str(broken), "--out", str(tmp_path / "o")]) == 2
+    assert f"{broken}, line 2, column radius" in capsys.readouterr().err
+    empty = tmp_path / "empty.tsv"
+    empty.write_text("idx\tlabel\tpredict\tradius\tcorrect\ttime\n")
+    with pytest.raises(ResultFileError, match="no result rows"):
+        summarize([empty])
+    with pytest.raises(ValueError, match="one label per file"):
+        summarize([ucan_file], labels=["a", "b"])
