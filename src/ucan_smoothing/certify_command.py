@@ -57,6 +57,9 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--norm", default=None, help="norm of --radius (default: the noise's native norm)")
     parser.add_argument("--method", choices=("cp", "betting"), default="cp", help="sequential test (default cp)")
     parser.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
+    parser.add_argument("--paper-mode", action="store_true",
+                        help="certify an input-dependent NPG as the paper does (sigma(x), mu(x) frozen at the clean "
+                             "input): reproduces its numbers, NOT a certificate (rows get is_certificate=false)")
 
 
 def _file_digest(path: Path) -> str:
@@ -107,6 +110,22 @@ def _sequential_certificate(smooth, x, args, generator) -> Certificate:
     ), decision
 
 
+def _check_paper_mode(trained, args) -> bool:
+    """True for a paper-mode run; refuses an input-dependent NPG without --paper-mode and the reverse."""
+    input_dependent = trained.generator is not None and trained.generator.input_dependent
+    paper_mode = getattr(args, "paper_mode", False)
+    if input_dependent and not paper_mode:
+        raise ValueError("this run's generator computes sigma and mu from the input being certified: its "
+                         "certificate is not sound (DESIGN.md section 4). Pass --paper-mode to reproduce the "
+                         "paper's figures, labelled is_certificate=false, or use a sound mode of "
+                         "ucan_smoothing.adaptive")
+    if paper_mode and not input_dependent:
+        raise ValueError("--paper-mode is only for runs with an input-dependent generator")
+    if paper_mode and args.radius is not None:
+        raise ValueError("--paper-mode cannot be combined with the sequential mode (--radius)")
+    return paper_mode
+
+
 def run(args) -> int:
     context = init_distributed(args.device)
     try:
@@ -119,9 +138,17 @@ def _certify(args, context) -> int:
     run_path = Path(args.run)
     trained = load_trained(run_path, expected_dataset=args.dataset)
     dataset_name = args.dataset or trained.meta["dataset"]
-    noise = trained.noise()
+    paper_mode = _check_paper_mode(trained, args)
+    noise = trained.base_noise if paper_mode else trained.noise()
     model = trained.model.to(context.device)
-    smooth = Smooth(model, trained.num_classes, noise, input_shape=trained.input_shape)
+    if paper_mode:
+        from .adaptive import PaperModeSmooth
+
+        smooth = PaperModeSmooth(model, trained.num_classes, noise, trained.generator.to(context.device),
+                                 input_shape=trained.input_shape)
+    else:
+        smooth = Smooth(model, trained.num_classes, noise, input_shape=trained.input_shape)
+    is_certificate = noise.is_certificate and not paper_mode
     sequential = args.radius is not None
     if sequential:
         args.norm = noise.primary_norm if args.norm is None else parse_norm(args.norm)
@@ -137,8 +164,8 @@ def _certify(args, context) -> int:
         "n0": args.n0, "n": args.n, "alpha": args.alpha, "batch_size": args.batch_size,
         "skip": args.skip, "max": args.max, "seed": args.seed,
         "noise": noise.describe(), "npg": _npg_description(trained),
-        "is_certificate": noise.is_certificate,
-        "mode": f"sequential-{args.method}" if sequential else "certify",
+        "is_certificate": is_certificate,
+        "mode": f"sequential-{args.method}" if sequential else ("paper" if paper_mode else "certify"),
         "radius": args.radius, "norm": norm_name(args.norm) if sequential else None,
         "out": str(args.out), "progress": args.progress, "device": str(context.device),
     }
@@ -178,6 +205,6 @@ def _certify(args, context) -> int:
             merge_shards(out, context.world_size, expected_indices=indices, non_identity=("out", "progress", "device"))
         context.barrier()
     if context.is_main:
-        label = "" if noise.is_certificate else " (NOT a certificate: paper-mode figures)"
+        label = "" if is_certificate else " (NOT a certificate: paper-mode figures)"
         print(f"wrote {out} ({len(indices)} images){label}")
     return 0
