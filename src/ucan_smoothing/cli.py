@@ -19,6 +19,7 @@ COMMANDS = {
     "certify": ("ucan_smoothing.certify_command", "certify a trained run on a data split (resumable)"),
     "analyze": ("ucan_smoothing.analyze", "tables and plots from result files"),
     "bench": ("ucan_smoothing.bench", "throughput benchmark of certification"),
+    "attack": ("ucan_smoothing.attack", "search certified regions for counterexamples"),
 }
 
 
