@@ -71,6 +71,13 @@ def test_pattern_normalised_geometric_mean_and_channels():
     assert sorted(minimal) == [[13, 13], [13, 14], [14, 13], [14, 14]]
 
 
+def test_pattern_normalize_accepts_names():
+    assert PatternFixedGenerator(MNIST, normalize="none").normalize is False
+    assert PatternFixedGenerator(MNIST, normalize="geometric").normalize is True
+    with pytest.raises(ValueError, match="normalize"):
+        PatternFixedGenerator(MNIST, normalize="mean")
+
+
 def test_pattern_kappa_zero_is_isotropic():
     sigma, _ = PatternFixedGenerator(MNIST, p=1, kappa=0.0, iota=3.0)()
     assert torch.allclose(sigma, torch.ones_like(sigma))
@@ -129,8 +136,8 @@ def test_universal_sigma_positive_and_bounded(normalize, gamma):
         assert float(mu.abs().max()) <= gen.gamma_mu * (1 + 1e-6)
         if normalize == "geometric":
             assert _geomean(sigma) == pytest.approx(1.0, rel=1e-4)
-    assert gen.sigma_bounds() == pytest.approx(
-        (math.exp(-gamma * (2 if normalize == "geometric" else 1)), math.exp(gamma * (2 if normalize == "geometric" else 1))))
+    bound = gamma * (2 if normalize == "geometric" else 1)
+    assert gen.sigma_bounds() == pytest.approx((math.exp(-bound), math.exp(bound)))
 
 
 def test_universal_starts_isotropic_and_ignores_x():

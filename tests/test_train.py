@@ -83,7 +83,7 @@ def test_classifier_run_folder(base_run, data_root):
     record = json.loads((out / "config.json").read_text())
     assert record["config"]["noise"] == "gaussian" and record["config"]["scale"] == 0.25
     assert record["config"]["optimizer"] == "adam" and record["config"]["lr"] == 1e-3  # resolved defaults
-    assert record["seed"] == 0 and "train_classifier" not in record["command"] or "train(" in record["command"]
+    assert record["seed"] == 0 and "train(" in record["command"]  # the Python API call is recorded
     assert {"python", "torch", "numpy", "ucan_smoothing"} <= set(record["versions"])
     rows = read_metrics(out)
     assert [r["epoch"] for r in rows] == [1, 2]
@@ -185,6 +185,23 @@ def test_cli_train_and_resume(data_root, tmp_path, capsys):
 def test_cli_rejects_bad_options(argv, match, capsys):
     assert cli.main(argv) == 2
     assert re.search(match, capsys.readouterr().err)
+
+
+def test_cli_options_map_to_the_config():
+    from ucan_smoothing.train import command_line, config_from_args
+    args = cli.build_parser().parse_args([
+        "train", "npg", "--kind", "pattern", "--p", "inf", "--kappa", "0.02", "--iota", "2", "--centre", "10,12",
+        "--normalize", "none", "--train-pattern", "--base", "x.pt", "--sigma-weight", "0.5", "--power-a", "900",
+        "--noise", "powerlaw", "--scale", "0.1"])
+    cfg = resolve_config(config_from_args(args))
+    assert cfg.npg == {"kind": "pattern", "p": "inf", "kappa": 0.02, "iota": 2.0, "centre": [10.0, 12.0],
+                       "normalize": "none", "trainable": True}
+    assert (cfg.target, cfg.base, cfg.sigma_weight, cfg.noise_params) == ("npg", "x.pt", 0.5, {"a": 900.0})
+    assert command_line(args).startswith("ucan train npg ") and "--centre 10,12" in command_line(args)
+    args = cli.build_parser().parse_args(["train", "npg", "--kind", "universal", "--no-mu", "--gamma", "2",
+                                          "--joint"])
+    cfg = resolve_config(config_from_args(args))
+    assert cfg.npg["learn_mu"] is False and cfg.npg["gamma"] == 2.0 and cfg.joint
 
 
 def test_resolve_config_defaults():

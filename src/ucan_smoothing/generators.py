@@ -207,7 +207,8 @@ class PatternFixedGenerator(NoiseGenerator):
         if len(centre) != 2 or not all(math.isfinite(c) for c in centre):
             raise ValueError(f"centre must be two finite numbers (row, column), got {centre!r}")
         self.centre = centre
-        self.normalize = bool(normalize)
+        # True / "geometric": divide by the geometric mean; False / "none": the raw formula.
+        self.normalize = _check_normalize(normalize) == "geometric"
         self.trainable = bool(trainable)
         rows = torch.arange(height, dtype=torch.float64)[:, None] - centre[0]
         cols = torch.arange(width, dtype=torch.float64)[None, :] - centre[1]

@@ -93,7 +93,10 @@ class TrainConfig:
     npg_checkpoint: str | None = None  # classifier target: noise shaped by a trained fixed NPG
     base: str | None = None  # npg target: checkpoint of the base classifier
     joint: bool = False  # npg target: train the classifier too
-    sigma_weight: float = 0.1
+    # w in -w * mean(sigma) + CE. On MNIST (universal, gamma 5, scale 0.25, frozen classifier, 20k images):
+    # w = 0.01 kept noisy test accuracy at 98.6% (base 98.7%) with geomean(sigma) 1.48;
+    # w = 0.1 dropped it to 81%, w = 1 to chance (sigma pinned at exp(gamma)).
+    sigma_weight: float = 0.01
     # optimisation
     epochs: int | None = None
     batch_size: int | None = None
@@ -467,9 +470,9 @@ def _restore_rng(states: dict) -> None:
 
 
 def _checkpoint_extra(cfg: TrainConfig, generator: NoiseGenerator | None, epoch: int,
-                      train_state: dict | None) -> dict:
+                      train_state: dict | None, world_size: int = 1) -> dict:
     extra = {
-        "ucan_train": {"target": cfg.target, "epoch": epoch, "epochs": cfg.epochs},
+        "ucan_train": {"target": cfg.target, "epoch": epoch, "epochs": cfg.epochs, "world_size": world_size},
         "noise": _describe_noise(cfg),
         "npg": None if generator is None else generator.describe(),
         "npg_state": None if generator is None else {k: v.detach().cpu() for k, v in generator.state_dict().items()},
@@ -588,7 +591,8 @@ class _Run:
         np.random.seed(cfg.seed % 2**32)
         self.train_data = _Batches(load_dataset(cfg.dataset, "train", cfg.data_root), self._per_rank_batch(),
                                    ctx, cfg.seed, shuffle=True, workers=cfg.workers, limit=cfg.max_train)
-        self.test_data = _Batches(load_dataset(cfg.dataset, "test", cfg.data_root), self._per_rank_batch(),
+        # No gradients at test time: larger batches are faster and give the same numbers.
+        self.test_data = _Batches(load_dataset(cfg.dataset, "test", cfg.data_root), 4 * self._per_rank_batch(),
                                   ctx, cfg.seed, shuffle=False, workers=cfg.workers, limit=cfg.max_test)
         self._build_model_and_noise()
         self._build_optimizer()
@@ -682,6 +686,11 @@ class _Run:
         if payload["model_name"] != self.cfg.model or payload["dataset"] != self.cfg.dataset:
             raise ValueError(f"{str(path)!r} holds {payload['model_name']} on {payload['dataset']}")
         state = extra["train_state"]
+        saved_world = extra["ucan_train"].get("world_size", 1)
+        if saved_world != self.context.world_size and self.context.is_main:
+            print(f"warning: {str(self.out)!r} ran with {saved_world} process(es), resumed with "
+                  f"{self.context.world_size}: the data split and noise streams change, so the result will not be "
+                  "bit-identical to an uninterrupted run", file=sys.stderr)
         if extra["ucan_train"]["epoch"] >= self.cfg.epochs:
             raise ValueError(f"{str(self.out)!r} already finished {extra['ucan_train']['epoch']} epochs; "
                              f"raise --epochs to train further")
@@ -729,11 +738,12 @@ class _Run:
             "rng": _rng_states(),
             "metrics": self.rows,
         }
+        world = self.context.world_size
         save_checkpoint(self.out / LAST, self.model, model_name=self.cfg.model, dataset=self.cfg.dataset,
-                        extra=_checkpoint_extra(self.cfg, self.generator, epoch, train_state))
+                        extra=_checkpoint_extra(self.cfg, self.generator, epoch, train_state, world))
         if final:
             save_checkpoint(self.out / FINAL, self.model, model_name=self.cfg.model, dataset=self.cfg.dataset,
-                            extra=_checkpoint_extra(self.cfg, self.generator, epoch, None))
+                            extra=_checkpoint_extra(self.cfg, self.generator, epoch, None, world))
         _write_metrics(self.out / "metrics.csv", self.rows)
         if self.generator is not None:
             self._save_sigma(epoch)
@@ -901,11 +911,13 @@ def train(config: TrainConfig | dict | None = None, *, command: str | None = Non
         command = "python API: ucan_smoothing.train.train(" + ", ".join(
             f"{k}={v!r}" for k, v in values.items()) + ")"
     context = init_distributed(cfg.device)
+    threads = torch.get_num_threads()
     try:
         run = _Run(cfg, context, command)
         run.setup()
         return run.run()
     finally:
+        torch.set_num_threads(threads)  # set_num_threads is process-wide: leave it as found
         cleanup(context)
 
 
@@ -971,7 +983,8 @@ def configure(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--latent-dim", type=int, help="universal: size of the fixed input vector (default 64)")
     g.add_argument("--base", help="npg target: checkpoint (or run folder) of the base classifier")
     g.add_argument("--joint", action="store_true", default=None, help="npg target: train the classifier too")
-    g.add_argument("--sigma-weight", type=float, help="w in the loss -w * mean(sigma) + CE (default 0.1)")
+    g.add_argument("--sigma-weight", type=float, help="w in the loss -w * mean(sigma) + CE (default 0.01; "
+                   "on MNIST 0.1 already costs ~18 points of accuracy under noise, 1 collapses to chance)")
     g = parser.add_argument_group("optimisation (defaults: Adam 1e-3 for mnist_cnn and NPGs; SGD 0.1, "
                                   "momentum 0.9, weight decay 1e-4, lr x0.1 every 30 of 90 epochs for ResNets)")
     g.add_argument("--epochs", type=int, help="number of epochs (default 10 mnist_cnn, 90 ResNets, 5 NPGs)")
