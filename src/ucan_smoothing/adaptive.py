@@ -49,7 +49,7 @@ from .anisotropic import Anisotropic
 from .noises import Gaussian, Noise
 from .norms import parse_norm
 from .regions import CertifiedRegion, Scaling
-from .smooth import ABSTAIN, Certificate, Smooth, _resolve_generator
+from .smooth import Certificate, Smooth, _resolve_generator
 
 __all__ = [
     "NOT_A_CERTIFICATE",

@@ -43,12 +43,12 @@ from .norms import norm_name, parse_norm
 from .results import (
     COHEN_COLUMNS,
     Column,
+    ResultFileError,
     ResultWriter,
     Schema,
     atomic_write,
     read_results,
     read_sidecar,
-    ResultFileError,
 )
 from .smooth import ABSTAIN, Smooth, _resolve_generator
 from .statistics import clopper_pearson_upper, predict_is_significant
