@@ -279,6 +279,7 @@ def save_sigma_png(path: str | os.PathLike, sigma: torch.Tensor, mu: torch.Tenso
     import matplotlib
     matplotlib.use("Agg", force=False)
     import matplotlib.pyplot as plt
+    from matplotlib.colors import LogNorm
 
     sigma = sigma.detach().float().cpu()
     mu = None if mu is None else mu.detach().float().cpu()
@@ -304,12 +305,16 @@ def save_sigma_png(path: str | os.PathLike, sigma: torch.Tensor, mu: torch.Tenso
             panels += [("mu", c, mu[item, c], "coolwarm") for c in range(channels)]
         for column, (name, c, values, cmap) in enumerate(panels, start=offset):
             ax = axes[item, column]
-            kwargs = {}
+            kwargs, scale_note = {}, ""
             if name == "mu":
                 bound = float(values.abs().max()) or 1.0
                 kwargs = dict(vmin=-bound, vmax=bound)
+            elif float(values.max()) > 20 * float(values.min()):
+                # A wide range (a learnt sigma often spans exp(-gamma)..exp(gamma)): log colours.
+                kwargs = dict(norm=LogNorm(vmin=float(values.min()), vmax=float(values.max())))
+                scale_note = " (log colours)"
             shown = ax.imshow(values.numpy(), cmap=cmap, **kwargs)
-            ax.set_title(f"{name}" + (f" channel {c}" if channels > 1 else "")
+            ax.set_title(f"{name}" + (f" channel {c}" if channels > 1 else "") + scale_note
                          + f"\nmin {float(values.min()):.3g}, max {float(values.max()):.3g}", fontsize=10)
             ax.set_xticks([])
             ax.set_yticks([])
