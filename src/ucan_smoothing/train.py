@@ -10,6 +10,13 @@ Two targets (``ucan train classifier ...`` / ``ucan train npg ...``):
 * ``npg``: the paper's loss ``-w * mean(sigma) + CE(f(x + eps * sigma + mu), y)``
   (``w`` = ``--sigma-weight``), with the base classifier loaded from a
   checkpoint (``--base``) and frozen, or trained jointly (``--joint``).
+  The two SOUND input-adaptive kinds train a shift ``mu`` under FIXED noise
+  (isotropic, or that of a trained fixed NPG given by ``--npg-checkpoint``)
+  with the cross-entropy alone: ``--kind noisy_shift`` learns
+  ``f(z + mu(z))`` on the noisy sample ``z`` (certified as that base
+  classifier), ``--kind lipschitz_shift`` learns ``f(x + mu(x) + noise)``
+  with a capped Lipschitz bound ``L`` (certified with radius ``R / (1 + L)``);
+  docs/adaptive.md.
 
 A run folder (``--out``) holds ``config.json`` (the resolved configuration,
 versions, seed, the command line), ``metrics.csv`` (one row per epoch),
@@ -55,12 +62,15 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from . import __version__
+from .adaptive import SHIFTS, PaperModeSmooth, lipschitz_bounds, make_shift, shift_from_config, shift_smoothed
 from .anisotropic import Anisotropic
 from .data import DATASETS, canonical_dataset_name, load_dataset
 from .distributed import DistContext, cleanup, init_distributed
 from .generators import GENERATORS, NoiseGenerator, generator_from_config, make_generator, sigma_stats
 from .models import build_model, load_checkpoint, model_spec, save_checkpoint
 from .noises import FAMILIES, Noise, make_noise
+from .norms import parse_norm
+from .smooth import Smooth
 
 TARGETS = ("classifier", "npg")
 OPTIMIZERS = ("sgd", "adam")
@@ -141,7 +151,12 @@ def _model_defaults(model: str, target: str) -> dict:
     return dict(epochs=90, batch_size=256, optimizer="sgd", lr=0.1, weight_decay=1e-4, lr_step=30)
 
 
-def _npg_defaults(kind: str, dataset: str) -> dict:
+def _npg_defaults(kind: str, dataset: str, noise: Noise | None = None) -> dict:
+    if kind == "noisy_shift":
+        return dict(gamma=1.0, channels=[16, 32, 32, 32], pool=4, head_size=None)
+    if kind == "lipschitz_shift":
+        norm = 2 if noise is None else noise.primary_norm
+        return dict(lipschitz=0.5, gamma=1.0, hidden=256, depth=2, norm="inf" if math.isinf(norm) else int(norm))
     if kind == "pattern":
         return dict(p=2, kappa=0.01, iota=1.0, centre=None, normalize=True, trainable=False)
     if kind == "universal":
@@ -170,7 +185,8 @@ def resolve_config(config: TrainConfig | dict) -> TrainConfig:
     cfg.noise = cfg.noise.lower()
     cfg.scale = float(cfg.scale)
     cfg.noise_params = dict(cfg.noise_params or {})
-    make_noise(cfg.noise, cfg.scale, **cfg.noise_params).check_input_shape(spec.input_shape)
+    base_noise = make_noise(cfg.noise, cfg.scale, **cfg.noise_params)
+    base_noise.check_input_shape(spec.input_shape)
     for key, value in _model_defaults(cfg.model, cfg.target).items():
         if getattr(cfg, key) is None:
             setattr(cfg, key, value)
@@ -190,10 +206,15 @@ def resolve_config(config: TrainConfig | dict) -> TrainConfig:
     if cfg.npg is not None:
         npg = dict(cfg.npg)
         kind = str(npg.pop("kind", "")).replace("-", "_")
-        if kind not in GENERATORS:
-            raise ValueError(f"unknown NPG kind {kind!r}; known: {', '.join(GENERATORS)}")
-        cfg.npg = {"kind": kind, **{k: v for k, v in _npg_defaults(kind, cfg.dataset).items()}, **npg}
-        make_generator(kind, spec.input_shape, **{k: v for k, v in cfg.npg.items() if k != "kind"})  # validate
+        if kind not in GENERATORS and kind not in SHIFTS:
+            raise ValueError(f"unknown NPG kind {kind!r}; known: {', '.join([*GENERATORS, *SHIFTS])}")
+        cfg.npg = {"kind": kind, **{k: v for k, v in _npg_defaults(kind, cfg.dataset, base_noise).items()}, **npg}
+        if kind == "lipschitz_shift":
+            norm = parse_norm(cfg.npg["norm"])
+            cfg.npg["norm"] = "inf" if math.isinf(norm) else int(norm)
+        build = make_shift if kind in SHIFTS else make_generator
+        build(kind, spec.input_shape, **{k: v for k, v in cfg.npg.items() if k != "kind"})  # validate
+    shift_kind = cfg.npg is not None and cfg.npg["kind"] in SHIFTS
     if cfg.target == "classifier":
         if cfg.npg is not None and cfg.npg["kind"] != "pattern":
             raise ValueError(f"a classifier is trained under FIXED noise: --kind {cfg.npg['kind']} must be trained "
@@ -204,9 +225,11 @@ def resolve_config(config: TrainConfig | dict) -> TrainConfig:
             raise ValueError("--base and --joint belong to `ucan train npg`")
     else:
         if cfg.npg is None:
-            raise ValueError("`ucan train npg` needs --kind (pattern, universal or input_dependent)")
-        if cfg.npg_checkpoint:
-            raise ValueError("--npg-checkpoint belongs to `ucan train classifier`")
+            raise ValueError("`ucan train npg` needs --kind (pattern, universal or input_dependent; "
+                             "noisy_shift or lipschitz_shift for the sound input-adaptive modes)")
+        if cfg.npg_checkpoint and not shift_kind:
+            raise ValueError("--npg-checkpoint belongs to `ucan train classifier` (and to the shift kinds "
+                             "noisy_shift / lipschitz_shift: the fixed noise they are trained under)")
         if cfg.base is None and not cfg.joint:
             raise ValueError("an NPG needs a classifier: --base CHECKPOINT (frozen) or --joint (trained together)")
         if (cfg.npg["kind"] == "pattern" and not cfg.npg.get("trainable") and not cfg.joint):
@@ -292,7 +315,7 @@ def save_sigma_png(path: str | os.PathLike, sigma: torch.Tensor, mu: torch.Tenso
     columns = offset + channels * (1 + show_mu)
     rows = sigma.shape[0]
     fig, axes = plt.subplots(rows, columns, squeeze=False,
-                             figsize=(max(3.4 * columns, 6.0), 3.1 * rows + 0.6))
+                             figsize=(max(3.4 * columns, 5.4), 3.1 * rows + 0.7))
     for item in range(rows):
         if images is not None:
             image = images[item].detach().float().cpu()
@@ -326,6 +349,16 @@ def save_sigma_png(path: str | os.PathLike, sigma: torch.Tensor, mu: torch.Tenso
     fig.savefig(buffer, format="png", dpi=100)
     plt.close(fig)
     _atomic_write(Path(path), buffer.getvalue())
+
+
+def _generator_label(gen: NoiseGenerator) -> str:
+    d = gen.describe()
+    if d["kind"] == "pattern":
+        return (f"pattern NPG (p={d['p']}, kappa {d['kappa']:.3g}, iota {d['iota']:.3g}"
+                + (", geometric mean 1)" if d["normalize"] else ")"))
+    if d["kind"] == "universal":
+        return f"universal NPG (gamma {d['gamma']:g}" + (", geometric mean 1)" if d["normalize"] != "none" else ")")
+    return f"{d['kind']} NPG (gamma {d['gamma']:g})"
 
 
 # --------------------------------------------------------------------------- data
@@ -475,15 +508,18 @@ def _restore_rng(states: dict) -> None:
 
 
 def _checkpoint_extra(cfg: TrainConfig, generator: NoiseGenerator | None, epoch: int,
-                      train_state: dict | None, world_size: int = 1) -> dict:
+                      train_state: dict | None, world_size: int = 1, shift: nn.Module | None = None) -> dict:
     extra = {
         "ucan_train": {"target": cfg.target, "epoch": epoch, "epochs": cfg.epochs, "world_size": world_size},
         "noise": _describe_noise(cfg),
         "npg": None if generator is None else generator.describe(),
         "npg_state": None if generator is None else {k: v.detach().cpu() for k, v in generator.state_dict().items()},
-        "npg_trained": cfg.target == "npg",
+        "npg_trained": cfg.target == "npg" and shift is None,
         "config": cfg.to_dict(),
     }
+    if shift is not None:  # a sound input-adaptive mode: the mu network (the generator, if any, is the fixed noise)
+        extra["shift"] = shift.describe()
+        extra["shift_state"] = {k: v.detach().cpu() for k, v in shift.state_dict().items()}
     if train_state is not None:
         extra["train_state"] = train_state
     return extra
@@ -493,20 +529,81 @@ def _checkpoint_extra(cfg: TrainConfig, generator: NoiseGenerator | None, epoch:
 class TrainedRun:
     """A checkpoint of :mod:`ucan_smoothing.train` turned back into objects.
 
-    ``noise()`` is what certification needs: the isotropic family, or the
-    fixed ``Anisotropic`` noise of a pattern-fixed / universal NPG; it raises
-    for an input-dependent NPG (its certificate would not be sound).
+    ``noise()`` is the FIXED noise: the isotropic family, or the fixed
+    ``Anisotropic`` noise of a pattern-fixed / universal NPG; it raises for an
+    input-dependent NPG (its certificate would not be sound).
+    ``shift`` is the trained ``mu`` network of a sound input-adaptive run
+    (``noisy_shift`` / ``lipschitz_shift``), else None.
+
+    :meth:`smoothed` is what certification and attacks need: the smoothed
+    classifier the run is certified as (``certify``, ``certify_batch``,
+    ``predict``; ``noisy_logits`` except for a plain ``Smooth``), and
+    :meth:`description` its text for the ``npg`` column of result files.
     """
 
     model: nn.Module
     base_noise: Noise
     generator: NoiseGenerator | None
     meta: dict
+    shift: nn.Module | None = None
 
     def noise(self, sigma_min: float = 1e-6):
         if self.generator is None:
             return self.base_noise
         return self.generator.to_noise(self.base_noise, sigma_min=sigma_min)
+
+    @property
+    def input_dependent(self) -> bool:
+        """True for the paper's input-dependent NPG (certified only in the labelled paper mode)."""
+        return self.generator is not None and self.generator.input_dependent
+
+    def smoothed(self, device=None, *, paper_mode: bool = False, sigma_min: float = 1e-6):
+        """The smoothed classifier to certify, on ``device`` (default: where the model is):
+
+        * plain or fixed-NPG runs: ``Smooth(model, num_classes, noise())``;
+        * ``noisy_shift``: ``Smooth(NoisyInputShift(model, mu), ...)`` under the fixed noise;
+        * ``lipschitz_shift``: ``LipschitzShiftSmooth`` (radius ``R / (1 + L)``);
+        * input-dependent NPG: only with ``paper_mode=True``, a ``PaperModeSmooth``
+          (NOT a certificate; every certificate it returns says so).
+        """
+        if paper_mode and not self.input_dependent:
+            raise ValueError("--paper-mode is only for runs with an input-dependent generator")
+        if self.input_dependent and not paper_mode:
+            raise ValueError("this run's generator computes sigma and mu from the input being certified: its "
+                             "certificate is not sound (DESIGN.md section 4). Pass --paper-mode to reproduce the "
+                             "paper's figures, labelled is_certificate=false, or use a sound mode of "
+                             "ucan_smoothing.adaptive")
+        model = self.model if device is None else self.model.to(device)
+        if paper_mode:
+            generator = self.generator if device is None else self.generator.to(device)
+            return PaperModeSmooth(model, self.num_classes, self.base_noise, generator,
+                                   input_shape=self.input_shape)
+        noise = self.noise(sigma_min)
+        if self.shift is not None:
+            shift = self.shift if device is None else self.shift.to(device)
+            return shift_smoothed(model, self.num_classes, noise, shift, input_shape=self.input_shape)
+        return Smooth(model, self.num_classes, noise, input_shape=self.input_shape)
+
+    def lipschitz(self) -> float | None:
+        """``lipschitz_shift`` runs: the proven ``L`` of the noise's primary norm (sigma folded in); else None."""
+        if self.shift is None or not getattr(self.shift, "clean_input", False):
+            return None
+        noise = self.noise()
+        return lipschitz_bounds(self.shift, noise)[noise.primary_norm]
+
+    def description(self) -> str:
+        """Text for the ``npg`` column: ``none``, ``pattern:p=2``, ``universal``, ``input_dependent``,
+        ``noisy_shift``, ``lipschitz_shift:L=0.5``; a shift under a fixed NPG's noise adds it after a ``+``
+        (``noisy_shift+pattern:p=1``)."""
+        text = "none"
+        if self.generator is not None:
+            info = self.generator.describe()
+            text = f"{info['kind']}:p={info['p']}" if "p" in info else info["kind"]
+        if self.shift is None:
+            return text
+        lipschitz = self.lipschitz()
+        shift = self.shift.kind if lipschitz is None else f"{self.shift.kind}:L={lipschitz:.4g}"
+        return shift if self.generator is None else f"{shift}+{text}"
 
     @property
     def num_classes(self) -> int:
@@ -560,7 +657,10 @@ def load_trained(path: str | os.PathLike, expected_model: str | None = None, exp
     if extra.get("npg") is not None:
         generator = generator_from_config(extra["npg"], extra.get("npg_state"))
         generator.eval()
-    return TrainedRun(model, base, generator, meta)
+    shift = None
+    if extra.get("shift") is not None:
+        shift = shift_from_config(extra["shift"], extra.get("shift_state"))
+    return TrainedRun(model, base, generator, meta, shift)
 
 
 # --------------------------------------------------------------------------- the training loop
@@ -603,7 +703,7 @@ class _Run:
         self._build_optimizer()
         self.rows: list = []
         self.start_epoch = 1
-        if cfg.resume:
+        if cfg.resume and not self.restarted:
             self._resume()
 
     def _per_rank_batch(self) -> int:
@@ -614,19 +714,44 @@ class _Run:
         return self.cfg.batch_size // world
 
     def _check_out_folder(self) -> None:
+        """Refuse to overwrite a run that saved a checkpoint; resume it with --resume.
+
+        A folder with ``config.json`` but no checkpoint is a run killed before
+        its first epoch ended: nothing finished is lost by starting it again, so
+        a fresh start is allowed, and ``--resume`` starts it from scratch (with
+        the saved configuration: a changed one is refused as for any resume).
+        """
         cfg = self.cfg
-        has_run = (self.out / LAST).is_file() or (self.out / "config.json").is_file()
-        if cfg.resume and not (self.out / LAST).is_file():
-            raise FileNotFoundError(f"nothing to resume: {str(self.out / LAST)!r} does not exist")
-        if not cfg.resume and has_run:
+        config_path = self.out / "config.json"
+        has_checkpoint = (self.out / LAST).is_file() or (self.out / FINAL).is_file()
+        self.restarted = False
+        if cfg.resume and not has_checkpoint:
+            if not config_path.is_file():
+                raise FileNotFoundError(f"nothing to resume: {str(self.out / LAST)!r} does not exist")
+            saved = TrainConfig.from_dict(json.loads(config_path.read_text())["config"])
+            differences = _config_differences(saved, cfg)
+            if differences:
+                raise ValueError(f"cannot restart {str(self.out)!r} with a changed configuration: "
+                                 + "; ".join(differences))
+            self.restarted = True
+        elif not cfg.resume and has_checkpoint:
             raise ValueError(f"{str(self.out)!r} already holds a run; pass --resume to continue it "
                              "or choose another --out")
+        elif not cfg.resume and config_path.is_file():
+            self.restarted = True
+        if self.restarted and self.context.is_main and cfg.progress:
+            print(f"note: {str(self.out)!r} holds config.json but no checkpoint (a run stopped before its first "
+                  "epoch ended): starting it from scratch", file=sys.stderr)
         if self.context.is_main:
             self.out.mkdir(parents=True, exist_ok=True)
 
     def _build_model_and_noise(self) -> None:
         cfg = self.cfg
         self.generator = None
+        self.shift = None
+        shift_kind = cfg.npg is not None and cfg.npg["kind"] in SHIFTS
+        #: an NPG run that trains the generator (not a shift kind, whose generator is the fixed noise)
+        self.trains_generator = cfg.target == "npg" and not shift_kind
         fixed = None
         if cfg.target == "npg" and cfg.base is not None:
             trained = load_trained(cfg.base, expected_model=cfg.model, expected_dataset=cfg.dataset,
@@ -635,7 +760,10 @@ class _Run:
         else:
             self.model = build_model(cfg.model)
         self.model.to(self.device)
-        if cfg.npg is not None:
+        if shift_kind:
+            params = {k: v for k, v in cfg.npg.items() if k != "kind"}
+            self.shift = make_shift(cfg.npg["kind"], self.spec.input_shape, **params).to(self.device)
+        if cfg.npg is not None and not shift_kind:
             params = {k: v for k, v in cfg.npg.items() if k != "kind"}
             self.generator = make_generator(cfg.npg["kind"], self.spec.input_shape, **params).to(self.device)
         elif cfg.npg_checkpoint:
@@ -644,30 +772,44 @@ class _Run:
             if trained.generator is None:
                 raise ValueError(f"{cfg.npg_checkpoint!r} holds no noise parameter generator")
             self.generator = trained.generator.to(self.device)
-        if self.generator is not None and cfg.target == "classifier":
+        if self.generator is not None and not self.trains_generator:
             fixed = self.generator.to_noise(self.base_noise)  # raises for input-dependent generators
             self.generator.requires_grad_(False)
-        self.noise = _NoiseSource(self.base_noise, self.generator if cfg.target == "npg" else None, fixed)
+        self.noise = _NoiseSource(self.base_noise, self.generator if self.trains_generator else None, fixed)
         self.train_classifier = cfg.target == "classifier" or cfg.joint
         self.model.requires_grad_(self.train_classifier)
         self.model_ddp = self.model
         self.generator_ddp = self.generator
+        self.shift_ddp = self.shift
         if self.context.distributed:
             from torch.nn.parallel import DistributedDataParallel as DDP
 
             ids = [self.device.index] if self.device.type == "cuda" else None
             if self.train_classifier:
                 self.model_ddp = DDP(self.model, device_ids=ids)
-            if cfg.target == "npg" and self.generator.has_trainable_parameters():
+            if self.trains_generator and self.generator.has_trainable_parameters():
                 self.generator_ddp = DDP(self.generator, device_ids=ids)
+            if self.shift is not None:
+                self.shift_ddp = DDP(self.shift, device_ids=ids)
+
+    def _shifted_logits(self, x: torch.Tensor, rng: torch.Generator | None, model, shift) -> torch.Tensor:
+        """Logits of a shift run: ``f(z + mu(z))`` with ``z = x + noise`` (noisy_shift) or
+        ``f(x + mu(x) + noise)`` (lipschitz_shift); ``rng=None``: the clean input (no noise)."""
+        if self.shift.clean_input:
+            shifted = x + shift(x)
+            return model(shifted if rng is None else self.noise.perturb(shifted, rng))
+        z = x if rng is None else self.noise.perturb(x, rng)
+        return model(z + shift(z))
 
     def _build_optimizer(self) -> None:
         cfg = self.cfg
         groups = []
-        if cfg.target == "npg":
+        if self.trains_generator:
             params = [p for p in self.generator.parameters() if p.requires_grad]
             if params:
                 groups.append({"params": params, "lr": cfg.lr})
+        if self.shift is not None:
+            groups.append({"params": list(self.shift.parameters()), "lr": cfg.lr})
         if self.train_classifier:
             lr = cfg.classifier_lr if (cfg.target == "npg" and cfg.classifier_lr) else cfg.lr
             groups.append({"params": list(self.model.parameters()), "lr": lr})
@@ -702,6 +844,10 @@ class _Run:
         self.model.load_state_dict(payload["state_dict"])
         if self.generator is not None and extra.get("npg_state") is not None:
             self.generator.load_state_dict(extra["npg_state"])
+        if self.shift is not None:
+            if extra.get("shift_state") is None:
+                raise ValueError(f"{str(path)!r} holds no {self.shift.kind} network to resume")
+            self.shift.load_state_dict(extra["shift_state"])
         self.optimizer.load_state_dict(state["optimizer"])
         if self.scheduler is not None:
             self.scheduler.load_state_dict(state["scheduler"])
@@ -726,7 +872,14 @@ class _Run:
             "npg": None if self.generator is None else self.generator.describe(),
             "started": time.strftime("%Y-%m-%d %H:%M:%S"),
         }
-        if self.cfg.resume and path.is_file():
+        if self.shift is not None:
+            record["shift"] = self.shift.describe()
+        if self.restarted and path.is_file():
+            old = json.loads(path.read_text())
+            record["restarted"] = old.get("restarted", []) + [
+                {"command": self.command, "time": time.strftime("%Y-%m-%d %H:%M:%S"),
+                 "previous_start": old.get("started")}]
+        elif self.cfg.resume and path.is_file():
             old = json.loads(path.read_text())
             record["started"] = old.get("started", record["started"])
             record["resumed"] = old.get("resumed", []) + [
@@ -745,17 +898,17 @@ class _Run:
         }
         world = self.context.world_size
         save_checkpoint(self.out / LAST, self.model, model_name=self.cfg.model, dataset=self.cfg.dataset,
-                        extra=_checkpoint_extra(self.cfg, self.generator, epoch, train_state, world))
+                        extra=_checkpoint_extra(self.cfg, self.generator, epoch, train_state, world, self.shift))
         if final:
             save_checkpoint(self.out / FINAL, self.model, model_name=self.cfg.model, dataset=self.cfg.dataset,
-                            extra=_checkpoint_extra(self.cfg, self.generator, epoch, None, world))
+                            extra=_checkpoint_extra(self.cfg, self.generator, epoch, None, world, self.shift))
         _write_metrics(self.out / "metrics.csv", self.rows)
         if self.generator is not None:
             self._save_sigma(epoch)
 
     def _save_sigma(self, epoch: int) -> None:
         gen = self.generator
-        title = (f"{gen.kind} NPG, epoch {epoch}\nnoise = eps * sigma + mu, eps ~ {self.cfg.noise} "
+        title = (f"{_generator_label(gen)}\nepoch {epoch}: noise = eps * sigma + mu, eps ~ {self.cfg.noise} "
                  f"of scale {self.cfg.scale:g}")
         with torch.no_grad():
             if gen.input_dependent:
@@ -777,20 +930,25 @@ class _Run:
         cfg, ctx = self.cfg, self.context
         self.model.train(self.train_classifier)
         if self.generator is not None:
-            self.generator.train(cfg.target == "npg")
+            self.generator.train(self.trains_generator)
+        if self.shift is not None:
+            self.shift.train()
         self.train_data.set_epoch(epoch)
         rng = _rng(self.device, cfg.seed, epoch, ctx.rank, 1)
         sums = torch.zeros(4, dtype=torch.float64, device=self.device)  # loss*n, ce*n, correct, n
         bar = tqdm(total=len(self.train_data), desc=f"epoch {epoch}/{cfg.epochs}", unit="batch", leave=False,
                    disable=not (ctx.is_main and cfg.progress), dynamic_ncols=True)
-        npg = cfg.target == "npg"
+        npg = self.trains_generator
         for step, (x, y) in enumerate(self.train_data):
-            if npg:
-                sigma, mu = self.noise.params(x, self.generator_ddp)
-                noisy = self.noise.perturb(x, rng, sigma, mu)
+            if self.shift is not None:
+                logits = self._shifted_logits(x, rng, self.model_ddp, self.shift_ddp)
             else:
-                noisy = self.noise.perturb(x, rng)
-            logits = self.model_ddp(noisy)
+                if npg:
+                    sigma, mu = self.noise.params(x, self.generator_ddp)
+                    noisy = self.noise.perturb(x, rng, sigma, mu)
+                else:
+                    noisy = self.noise.perturb(x, rng)
+                logits = self.model_ddp(noisy)
             ce = F.cross_entropy(logits, y)
             loss = ce - cfg.sigma_weight * sigma.mean() if npg else ce
             self.optimizer.zero_grad(set_to_none=True)
@@ -816,6 +974,8 @@ class _Run:
         self.model.eval()
         if self.generator is not None:
             self.generator.eval()
+        if self.shift is not None:
+            self.shift.eval()
         rng = _rng(self.device, cfg.seed, 0, ctx.rank, 2)  # the same test noise every epoch
         counts = torch.zeros(3, dtype=torch.float64, device=self.device)  # noisy correct, clean correct, n
         # sigma statistics over the test set (input-dependent) or of the fixed sigma
@@ -824,7 +984,12 @@ class _Run:
         if self.generator is not None and not self.generator.input_dependent:
             fixed_sigma = self.generator()[0]
         for x, y in self.test_data:
-            if self.generator is not None and cfg.target == "npg":
+            if self.shift is not None:
+                counts[0] += (self._shifted_logits(x, rng, self.model, self.shift).argmax(1) == y).sum()
+                counts[1] += (self._shifted_logits(x, None, self.model, self.shift).argmax(1) == y).sum()
+                counts[2] += y.shape[0]
+                continue
+            if self.generator is not None and self.trains_generator:
                 sigma, mu = self.noise.params(x)
                 noisy = self.noise.perturb(x, rng, sigma, mu)
                 if self.generator.input_dependent:
@@ -860,6 +1025,8 @@ class _Run:
         self.write_config()
         if ctx.is_main and cfg.progress:
             what = f"{cfg.npg['kind']} NPG" if cfg.target == "npg" else "classifier"
+            if self.shift is not None:
+                what = f"{cfg.npg['kind']} mu network (sound input-adaptive mode)"
             print(f"training {what} {cfg.model} on {cfg.dataset} ({self.train_data.count} images) with "
                   f"{cfg.noise} noise of scale {cfg.scale:g}, epochs {self.start_epoch}..{cfg.epochs}, "
                   f"{ctx.world_size} process(es) on {self.device}; run folder {str(self.out)!r}", file=sys.stderr)
@@ -887,6 +1054,8 @@ class _Run:
             checksum = sum(float(p.detach().double().sum()) for p in self.model.parameters())
             if self.generator is not None:
                 checksum += sum(float(p.detach().double().sum()) for p in self.generator.parameters())
+            if self.shift is not None:
+                checksum += sum(float(p.detach().double().sum()) for p in self.shift.parameters())
             print(f"rank {ctx.rank}/{ctx.world_size}: parameter checksum {checksum:.12e}", file=sys.stderr)
         return self.out
 
@@ -954,6 +1123,8 @@ def configure(parser: argparse.ArgumentParser) -> None:
         "  ucan train classifier --model mnist_cnn --noise gaussian --scale 0.25 --out runs/mnist-g025\n"
         "  ucan train npg --kind universal --base runs/mnist-g025/final.pt --out runs/mnist-g025-universal\n"
         "  ucan train npg --kind pattern --p inf --kappa 0.01 --iota 1 --joint --base runs/mnist-g025/final.pt\n"
+        "  ucan train npg --kind noisy_shift --base runs/mnist-g025 --out runs/mnist-g025-noisy-shift\n"
+        "  ucan train npg --kind lipschitz_shift --lipschitz 0.5 --base runs/mnist-g025 --out runs/mnist-g025-lip\n"
         "  ucan train --resume --out runs/mnist-g025          (continue an interrupted run)\n"
         "  torchrun --nproc_per_node=2 -m ucan_smoothing.cli train classifier ...   (DDP)\n")
     parser.add_argument("target", nargs="?", choices=TARGETS,
@@ -969,9 +1140,12 @@ def configure(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--scale", type=float, help="noise level lambda (default 0.25)")
     g.add_argument("--power-a", type=float, help="exponent a of the power-law family (a > input dimension)")
     g = parser.add_argument_group("noise parameter generator")
-    g.add_argument("--kind", choices=sorted(GENERATORS),
-                   help="NPG kind (npg target); with `classifier`, only pattern (a fixed noise shape)")
-    g.add_argument("--npg-checkpoint", help="classifier target: shape the noise by the NPG of this checkpoint")
+    g.add_argument("--kind", choices=sorted(GENERATORS) + sorted(SHIFTS),
+                   help="NPG kind (npg target); with `classifier`, only pattern (a fixed noise shape). The sound "
+                        "input-adaptive modes: noisy_shift (f(z + mu(z)) on the noisy sample z) and lipschitz_shift "
+                        "(f(x + mu(x) + noise), mu L-Lipschitz, radius R / (1 + L)); docs/adaptive.md")
+    g.add_argument("--npg-checkpoint", help="classifier target, or a shift kind: shape the (fixed) noise by the NPG "
+                   "of this checkpoint (pattern or universal)")
     g.add_argument("--p", choices=["1", "2", "inf"], help="pattern: norm of the distance (default 2)")
     g.add_argument("--kappa", type=float, help="pattern: kappa >= 0 (default 0.01, pixel units)")
     g.add_argument("--iota", type=float, help="pattern: iota > 0 (default 1)")
@@ -979,12 +1153,15 @@ def configure(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--train-pattern", action="store_true", default=None,
                    help="pattern: learn kappa and iota (default: hand-set, as in the paper)")
     g.add_argument("--gamma", type=float, help="universal / input-dependent: bound of log sigma "
-                   "(default 5; 2 on ImageNet; 1 for input-dependent)")
+                   "(default 5; 2 on ImageNet; 1 for input-dependent); shift kinds: bound of |mu| (default 1)")
     g.add_argument("--gamma-mu", type=float, help="universal: bound of |mu| (default gamma)")
     g.add_argument("--normalize", choices=["none", "geometric"],
                    help="divide sigma by its geometric mean (default: geometric for pattern, none otherwise)")
     g.add_argument("--no-mu", action="store_true", default=None, help="universal: keep mu = 0")
-    g.add_argument("--hidden", type=int, help="universal: width of the MLP layers (default 256)")
+    g.add_argument("--hidden", type=int, help="universal, lipschitz_shift: width of the MLP layers (default 256)")
+    g.add_argument("--lipschitz", type=float, help="lipschitz_shift: the Lipschitz bound L enforced on mu "
+                   "(default 0.5; certified radius R / (1 + L), L recomputed from the weights)")
+    g.add_argument("--depth", type=int, help="lipschitz_shift: number of linear layers of mu (default 2)")
     g.add_argument("--latent-dim", type=int, help="universal: size of the fixed input vector (default 64)")
     g.add_argument("--base", help="npg target: checkpoint (or run folder) of the base classifier")
     g.add_argument("--joint", action="store_true", default=None, help="npg target: train the classifier too")
@@ -1015,7 +1192,7 @@ def configure(parser: argparse.ArgumentParser) -> None:
 
 _NPG_FLAGS = {"p": "p", "kappa": "kappa", "iota": "iota", "centre": "centre", "train_pattern": "trainable",
               "gamma": "gamma", "gamma_mu": "gamma_mu", "normalize": "normalize", "hidden": "hidden",
-              "latent_dim": "latent_dim"}
+              "latent_dim": "latent_dim", "lipschitz": "lipschitz", "depth": "depth"}
 _PLAIN_FLAGS = ("model", "dataset", "data_root", "max_train", "max_test", "noise", "scale", "npg_checkpoint", "base",
                 "joint", "sigma_weight", "epochs", "batch_size", "optimizer", "lr", "momentum", "weight_decay",
                 "lr_step", "lr_decay", "classifier_lr", "seed", "device", "threads", "workers", "out", "resume")
