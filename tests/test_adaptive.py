@@ -19,15 +19,22 @@ from ucan_smoothing import Anisotropic, Gaussian, Laplace, Smooth
 from ucan_smoothing.adaptive import (
     ElasticSigmaSmooth,
     Interval1D,
+    SHIFTS,
     LipschitzMLP,
+    LipschitzShiftNet,
     LipschitzShiftSmooth,
     NoisyInputShift,
+    NoisyShiftNet,
     PaperModeSmooth,
     Threshold1D,
     elastic_sigma_lower_bound,
     elastic_sigma_radius,
+    lipschitz_bounds,
+    make_shift,
     scale_counterexample,
     shift_counterexample,
+    shift_from_config,
+    shift_smoothed,
 )
 from ucan_smoothing.generators import InputDependentGenerator
 
@@ -289,6 +296,70 @@ def test_lipschitz_mlp_caps_the_operator_norms_it_uses():
     # LipschitzShiftSmooth asks the network for its bound when none is given
     smoothed = LipschitzShiftSmooth(LinearBinary(torch.ones(5), 0.0), 2, Gaussian(0.5), net)
     assert smoothed.lipschitz == {2: net.lipschitz_bound(2, None)}
+
+
+# --------------------------------------------------------------------------- trainable shift networks
+
+
+def _perturb(net, seed=0, size=3.0):
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for parameter in net.parameters():
+            parameter.add_(size * torch.randn(parameter.shape, generator=generator))
+
+
+@pytest.mark.parametrize("kind", sorted(SHIFTS))
+def test_shift_networks_start_at_zero_and_rebuild_exactly(kind):
+    shape = (1, 8, 8)
+    net = make_shift(kind, shape, gamma=0.5)
+    x = torch.rand(3, *shape)
+    assert torch.equal(net(x), torch.zeros_like(x))  # a fresh network leaves the classifier unchanged
+    _perturb(net)
+    copy = shift_from_config(net.describe(), net.state_dict())
+    assert type(copy) is type(net) and copy.describe() == net.describe()
+    with torch.no_grad():
+        out = net(x)
+        assert torch.equal(copy(x), out) and float(out.abs().max()) <= 0.5  # |mu| <= gamma
+    with pytest.raises(ValueError, match="do not fit"):
+        shift_from_config({**net.describe(), "input_shape": [1, 4, 4]}, net.state_dict())
+
+
+def test_lipschitz_shift_net_enforces_its_bound_and_certifies_with_it():
+    shape = (1, 4, 4)
+    net = LipschitzShiftNet(shape, lipschitz=0.3, gamma=2.0, hidden=16, depth=3)
+    _perturb(net, size=10.0)
+    assert net.lipschitz_bound(2) <= 0.3 * (1 + 2e-4)
+    # empirical slopes stay below the proven bound
+    u = torch.randn(300, *shape, dtype=torch.float64)
+    v = u + 1e-3 * torch.randn(300, *shape, dtype=torch.float64)
+    double = net.double().requires_grad_(False)
+    slopes = (torch.linalg.vector_norm((double(u) - double(v)).flatten(1), dim=1)
+              / torch.linalg.vector_norm((u - v).flatten(1), dim=1))
+    assert float(slopes.max()) <= net.lipschitz_bound(2)
+    net = net.float()
+    # under anisotropic noise the bound is that of u -> mu(sigma u) / sigma (sigma folded in)
+    sigma = torch.rand(shape, dtype=torch.float64) + 0.5
+    noise = Anisotropic(Gaussian(0.25), sigma)
+    assert lipschitz_bounds(net, noise) == {2: net.lipschitz_bound(2, sigma)}
+    model = LinearBinary(torch.ones(16), 0.0)
+    smoothed = shift_smoothed(model, 2, noise, net)
+    assert isinstance(smoothed, LipschitzShiftSmooth)
+    assert smoothed.factors == {2: 1 / (1 + net.lipschitz_bound(2, sigma))}
+    noisy = shift_smoothed(model, 2, Gaussian(0.25), NoisyShiftNet(shape))
+    assert isinstance(noisy, Smooth) and isinstance(noisy.model, NoisyInputShift)
+    with pytest.raises(ValueError, match="not a trained shift"):
+        shift_smoothed(model, 2, noise, LipschitzMLP(shape))
+
+
+def test_bad_shift_options_are_refused():
+    with pytest.raises(ValueError, match="unknown shift kind"):
+        make_shift("universal", (1, 4, 4))
+    with pytest.raises(ValueError, match="lipschitz must be"):
+        make_shift("lipschitz_shift", (1, 4, 4), lipschitz=0)
+    with pytest.raises(ValueError, match="bad parameters"):
+        make_shift("noisy_shift", (1, 4, 4), lipschitz=0.5)
+    with pytest.raises(ValueError, match="gamma"):
+        make_shift("noisy_shift", (1, 4, 4), gamma=-1)
 
 
 # --------------------------------------------------------------------------- semi-elastic sigma

@@ -22,7 +22,7 @@ from ucan_smoothing import Anisotropic, Gaussian, Smooth, cli
 from ucan_smoothing.generators import PatternFixedGenerator
 from ucan_smoothing.models import load_checkpoint
 from ucan_smoothing.train import (
-    METRIC_FIELDS, TrainConfig, load_trained, read_metrics, resolve_config, save_sigma_png, train,
+    METRIC_FIELDS, TrainConfig, load_trained, read_metrics, resolve_config, save_sigma_png,
     train_classifier, train_generator,
 )
 
@@ -149,6 +149,36 @@ def test_resume_refuses_a_changed_config(base_run, data_root):
         train_classifier(data_root=data_root, epochs=2, out=base_run, resume=True, **FAST)
     with pytest.raises(FileNotFoundError, match="nothing to resume"):
         train_classifier(data_root=data_root, epochs=2, out=base_run + "-none", resume=True, **FAST)
+
+
+def test_a_run_killed_before_its_first_checkpoint_starts_again(data_root, tmp_path, capsys):
+    common = dict(data_root=data_root, max_train=128, max_test=32, epochs=1, seed=4, **FAST)
+    straight = train_classifier(out=str(tmp_path / "straight"), **common)
+    killed = tmp_path / "killed"
+
+    def kill_before_the_first_checkpoint():
+        # what a run killed during its first epoch leaves: config.json and nothing else
+        for path in killed.iterdir():
+            if path.name != "config.json":
+                path.unlink()
+
+    train_classifier(out=str(killed), **common)
+    kill_before_the_first_checkpoint()
+    # a fresh start over it is allowed (nothing finished is lost) ...
+    train_classifier(out=str(killed), **common)
+    _assert_same_weights(Path(straight) / "final.pt", killed / "final.pt")
+    kill_before_the_first_checkpoint()
+    # ... and --resume starts it from scratch with the saved options
+    assert cli.main(["train", "--resume", "--out", str(killed)]) == 0
+    _assert_same_weights(Path(straight) / "final.pt", killed / "final.pt")
+    record = json.loads((killed / "config.json").read_text())
+    assert len(record["restarted"]) == 2 and "resumed" not in record
+    kill_before_the_first_checkpoint()
+    with pytest.raises(ValueError, match="changed configuration.*lr"):
+        train_classifier(out=str(killed), resume=True, **{**common, "lr": 0.01})
+    # a run with a checkpoint is still protected
+    with pytest.raises(ValueError, match="already holds a run"):
+        train_classifier(out=straight, **common)
 
 
 def test_cli_train_and_resume(data_root, tmp_path, capsys):
@@ -322,6 +352,57 @@ def test_classifier_under_a_trained_npg(base_run, data_root, tmp_path):
                            out=str(tmp_path / "c"), **FAST)
     sigma_npg = load_trained(npg_run).noise().sigma
     assert torch.equal(load_trained(out).noise().sigma, sigma_npg)
+
+
+def test_shift_kinds_train_under_fixed_noise_and_resume_exactly(base_run, data_root, tmp_path):
+    from ucan_smoothing.adaptive import LipschitzShiftNet, LipschitzShiftSmooth, NoisyInputShift, NoisyShiftNet
+
+    pattern = train_classifier(data_root=data_root, npg={"kind": "pattern", "p": "inf", "kappa": 0.02}, epochs=1,
+                               max_train=64, max_test=32, out=str(tmp_path / "pattern"), **FAST)
+    common = dict(data_root=data_root, base=base_run, max_train=128, max_test=32, **FAST)
+    # noisy_shift under the FIXED noise of a pattern run: the run keeps that generator as its noise
+    out = train_generator(npg={"kind": "noisy_shift", "channels": [4, 4, 4, 4]}, npg_checkpoint=pattern, epochs=1,
+                          out=str(tmp_path / "noisy"), **common)
+    run = load_trained(out)
+    assert isinstance(run.shift, NoisyShiftNet) and run.generator.kind == "pattern"
+    assert torch.equal(run.noise().sigma, load_trained(pattern).noise().sigma)
+    smoothed = run.smoothed()
+    assert isinstance(smoothed, Smooth) and isinstance(smoothed.model, NoisyInputShift)
+    assert run.description() == "noisy_shift+pattern:p=inf"
+    _assert_same_weights(Path(base_run) / "final.pt", Path(out) / "final.pt")  # frozen classifier
+    assert (Path(out) / "sigma.png").is_file()  # the fixed sigma map of the noise
+    # lipschitz_shift, jointly with the classifier: resume gives the weights of an uninterrupted run
+    npg = {"kind": "lipschitz_shift", "lipschitz": 0.5, "hidden": 16}
+    straight = train_generator(npg=npg, joint=True, epochs=2, out=str(tmp_path / "a"), **common)
+    train_generator(npg=npg, joint=True, epochs=1, out=str(tmp_path / "b"), **common)
+    resumed = train_generator(npg=npg, joint=True, epochs=2, out=str(tmp_path / "b"), resume=True, **common)
+    _assert_same_weights(Path(straight) / "final.pt", Path(resumed) / "final.pt")
+    a, b = load_trained(straight), load_trained(resumed)
+    assert isinstance(a.shift, LipschitzShiftNet) and a.shift.describe()["norm"] == 2
+    for key, value in a.shift.state_dict().items():
+        assert torch.equal(value, b.shift.state_dict()[key])
+    assert isinstance(a.smoothed(), LipschitzShiftSmooth) and 0 < a.lipschitz() <= 0.5 * (1 + 2e-4)
+    assert a.description() == f"lipschitz_shift:L={a.lipschitz():.4g}"
+    keys = ("train_loss", "train_acc", "test_acc_noisy", "test_acc_clean")
+    numbers = [[[row[k] for k in keys] for row in read_metrics(run)] for run in (straight, resumed)]
+    assert numbers[0] == numbers[1]
+
+
+def test_shift_kind_options(base_run):
+    from ucan_smoothing.train import config_from_args
+    args = cli.build_parser().parse_args(["train", "npg", "--kind", "lipschitz_shift", "--lipschitz", "0.3",
+                                          "--depth", "3", "--hidden", "32", "--gamma", "0.5", "--joint",
+                                          "--noise", "laplace"])
+    cfg = resolve_config(config_from_args(args))
+    # the cap's norm defaults to the noise's certified norm (l1 for Laplace)
+    assert cfg.npg == {"kind": "lipschitz_shift", "lipschitz": 0.3, "gamma": 0.5, "hidden": 32, "depth": 3,
+                       "norm": 1}
+    cfg = resolve_config({"target": "npg", "npg": {"kind": "noisy-shift"}, "base": base_run})
+    assert cfg.npg["kind"] == "noisy_shift" and cfg.npg["gamma"] == 1.0
+    with pytest.raises(ValueError, match="train npg"):
+        resolve_config({"target": "classifier", "npg": {"kind": "noisy_shift"}})
+    with pytest.raises(ValueError, match="--npg-checkpoint belongs"):
+        resolve_config({"target": "npg", "npg": {"kind": "universal"}, "joint": True, "npg_checkpoint": "x"})
 
 
 def test_save_sigma_png_rgb(tmp_path):

@@ -22,6 +22,14 @@ to adapt the noise to the input:
   Sukenik et al., ICML 2022); the radius comes from a chained Neyman-Pearson
   bound (:func:`elastic_sigma_radius`), sound and a little looser than theirs.
 
+Trainable ``mu`` networks for the two shift modes (what ``ucan train npg
+--kind noisy_shift`` / ``--kind lipschitz_shift`` trains and saves):
+:class:`NoisyShiftNet` (a small conv net, ``gamma * tanh``) and
+:class:`LipschitzShiftNet` (a :class:`LipschitzMLP` whose cap enforces a
+chosen Lipschitz bound). :func:`make_shift` / :func:`shift_from_config`
+build and rebuild them; :func:`shift_smoothed` turns one into the smoothed
+classifier to certify.
+
 The two 1-D counterexamples of DESIGN.md section 4 are built by
 :func:`shift_counterexample` and :func:`scale_counterexample`, with their
 exact smoothed class probabilities, so anyone can check the claims.
@@ -46,6 +54,7 @@ from scipy import optimize, stats
 from torch import nn
 
 from .anisotropic import Anisotropic
+from .generators import ConvGenerator
 from .noises import Gaussian, Noise
 from .norms import parse_norm
 from .regions import CertifiedRegion, Scaling
@@ -56,13 +65,20 @@ __all__ = [
     "Counterexample",
     "ElasticSigmaSmooth",
     "LipschitzMLP",
+    "LipschitzShiftNet",
     "LipschitzShiftSmooth",
     "NoisyInputShift",
+    "NoisyShiftNet",
     "PaperModeSmooth",
+    "SHIFTS",
     "elastic_sigma_lower_bound",
     "elastic_sigma_radius",
+    "lipschitz_bounds",
+    "make_shift",
     "scale_counterexample",
     "shift_counterexample",
+    "shift_from_config",
+    "shift_smoothed",
 ]
 
 NOT_A_CERTIFICATE = (
@@ -282,10 +298,7 @@ class LipschitzShiftSmooth:
         if isinstance(mu_fn, nn.Module):
             mu_fn.eval()
         if lipschitz is None:
-            if not hasattr(mu_fn, "lipschitz_bound"):
-                raise ValueError("give `lipschitz` (a proven bound), or a mu_fn with a lipschitz_bound method")
-            sigma = getattr(noise, "sigma", None)
-            lipschitz = {norm: mu_fn.lipschitz_bound(norm, sigma) for norm in noise.native_norms}
+            lipschitz = lipschitz_bounds(mu_fn, noise)
         elif not isinstance(lipschitz, dict):
             lipschitz = {noise.primary_norm: lipschitz}
         self.lipschitz = {}
@@ -322,6 +335,132 @@ class LipschitzShiftSmooth:
         mu = self.mu_fn(x[None])[0]
         eps = self.noise.sample((num, *x.shape), generator=generator, device=x.device, dtype=x.dtype)
         return self.smooth.model(x + mu + eps)
+
+
+def lipschitz_bounds(mu_fn, noise) -> dict:
+    """``{norm: L}`` for every native norm of ``noise``: the proven bound of ``u -> mu(sigma * u) / sigma``
+    (``sigma`` = the fixed noise's shape, none for isotropic noise) from ``mu_fn.lipschitz_bound``."""
+    if not hasattr(mu_fn, "lipschitz_bound"):
+        raise ValueError("give `lipschitz` (a proven bound), or a mu_fn with a lipschitz_bound method")
+    sigma = getattr(noise, "sigma", None)
+    return {parse_norm(norm): float(mu_fn.lipschitz_bound(norm, sigma)) for norm in noise.native_norms}
+
+
+# --------------------------------------------------------------------------- trainable shift networks
+
+
+def _json_norm(norm):
+    norm = parse_norm(norm)
+    return "inf" if math.isinf(norm) else int(norm)
+
+
+class NoisyShiftNet(nn.Module):
+    """A ``mu`` network for :class:`NoisyInputShift`: ``z -> gamma * tanh(G(z))`` on the NOISY sample.
+
+    ``G`` is the conv generator of :mod:`ucan_smoothing.generators` (conv +
+    leaky-ReLU blocks, a dense head that starts at zero, so a fresh network is
+    ``mu = 0`` and ``NoisyInputShift(model, net)`` starts as ``model``).
+    ``gamma`` bounds every coordinate of the shift. Nothing about it needs to be
+    bounded for soundness: it is part of the base classifier.
+    """
+
+    kind = "noisy_shift"
+    #: mu is computed from the noisy sample ``z`` (part of the base classifier)
+    clean_input = False
+
+    def __init__(self, input_shape, gamma: float = 1.0, channels=(16, 32, 32, 32), pool: int = 4,
+                 head_size: int | None = None):
+        super().__init__()
+        self.input_shape = tuple(int(s) for s in input_shape)
+        self.gamma = float(gamma)
+        if not (math.isfinite(self.gamma) and self.gamma > 0):
+            raise ValueError(f"gamma must be finite and > 0, got {gamma}")
+        self.channels = tuple(int(c) for c in channels)
+        self.pool = int(pool)
+        self.head_size = None if head_size is None else int(head_size)
+        self.net = ConvGenerator(self.input_shape, self.channels, self.pool, self.head_size)
+
+    def forward(self, z: torch.Tensor) -> torch.Tensor:
+        return self.gamma * torch.tanh(self.net(z))
+
+    def describe(self) -> dict:
+        return {"kind": self.kind, "input_shape": list(self.input_shape), "gamma": self.gamma,
+                "channels": list(self.channels), "pool": self.pool, "head_size": self.head_size}
+
+
+class LipschitzShiftNet(LipschitzMLP):
+    """A :class:`LipschitzMLP` ``mu`` from the CLEAN input whose cap enforces ``Lip <= lipschitz``.
+
+    Each of the ``depth`` layers is capped at ``cap = (lipschitz / gamma)^(1/depth)``
+    in ``norm``, so ``gamma * cap^depth = lipschitz`` (in unscaled
+    coordinates; the certificate recomputes the bound, with the noise's
+    ``sigma`` folded in, by :meth:`LipschitzMLP.lipschitz_bound`). The last
+    layer starts at zero: a fresh network is ``mu = 0``.
+    """
+
+    kind = "lipschitz_shift"
+    clean_input = True
+
+    def __init__(self, input_shape, lipschitz: float = 0.5, gamma: float = 1.0, hidden: int = 256, depth: int = 2,
+                 norm=2):
+        lipschitz = float(lipschitz)
+        if not (math.isfinite(lipschitz) and lipschitz > 0):
+            raise ValueError(f"lipschitz must be finite and > 0, got {lipschitz}")
+        if not (math.isfinite(float(gamma)) and float(gamma) > 0) or int(depth) < 1:
+            raise ValueError(f"need gamma > 0 and depth >= 1, got gamma={gamma}, depth={depth}")
+        cap = (lipschitz / float(gamma)) ** (1.0 / int(depth))
+        super().__init__(input_shape, hidden=hidden, depth=depth, gamma=gamma, norm=norm, cap=cap)
+        self.lipschitz, self.hidden, self.depth = lipschitz, int(hidden), int(depth)
+        nn.init.zeros_(self.layers[-1].weight)
+        nn.init.zeros_(self.layers[-1].bias)
+
+    def describe(self) -> dict:
+        return {"kind": self.kind, "input_shape": list(self.input_shape), "lipschitz": self.lipschitz,
+                "gamma": self.gamma, "hidden": self.hidden, "depth": self.depth, "norm": _json_norm(self.norm)}
+
+
+#: the trainable shift kinds of ``ucan train npg --kind ...`` (sound input-adaptive modes)
+SHIFTS = {cls.kind: cls for cls in (NoisyShiftNet, LipschitzShiftNet)}
+
+
+def make_shift(kind: str, input_shape, **params) -> nn.Module:
+    """Build a fresh shift network by kind: ``make_shift('lipschitz_shift', (1, 28, 28), lipschitz=0.5)``."""
+    key = str(kind).strip().lower().replace("-", "_")
+    if key not in SHIFTS:
+        raise ValueError(f"unknown shift kind {kind!r}; known: {', '.join(SHIFTS)}")
+    try:
+        return SHIFTS[key](input_shape, **params)
+    except TypeError as err:
+        raise ValueError(f"bad parameters for the {key} shift: {err}") from None
+
+
+def shift_from_config(config: dict, state_dict: dict | None = None) -> nn.Module:
+    """Rebuild a shift network from its ``describe()`` (and ``state_dict()``)."""
+    if not isinstance(config, dict) or "kind" not in config or "input_shape" not in config:
+        raise ValueError(f"a shift config is a dict with 'kind' and 'input_shape', got {config!r}")
+    params = {k: v for k, v in config.items() if k not in ("kind", "input_shape")}
+    shift = make_shift(config["kind"], config["input_shape"], **params)
+    if state_dict is not None:
+        try:
+            shift.load_state_dict(state_dict, strict=True)
+        except RuntimeError as err:
+            raise ValueError(f"the saved weights do not fit the {config['kind']} shift: {err}") from err
+    return shift.eval()
+
+
+def shift_smoothed(model: nn.Module, num_classes: int, noise, shift: nn.Module, *, input_shape=None):
+    """The smoothed classifier of a trained shift under FIXED ``noise``, ready to certify (both sound):
+
+    * ``noisy_shift``: ``Smooth(NoisyInputShift(model, shift), num_classes, noise)``;
+    * ``lipschitz_shift``: ``LipschitzShiftSmooth(model, num_classes, noise, shift)``, radius ``R / (1 + L)``
+      with ``L`` recomputed from the weights (:func:`lipschitz_bounds`).
+    """
+    kind = getattr(shift, "kind", None)
+    if kind == NoisyShiftNet.kind:
+        return Smooth(NoisyInputShift(model, shift).eval(), num_classes, noise, input_shape=input_shape)
+    if kind == LipschitzShiftNet.kind:
+        return LipschitzShiftSmooth(model, num_classes, noise, shift, input_shape=input_shape)
+    raise ValueError(f"not a trained shift network: {type(shift).__name__} (kinds: {', '.join(SHIFTS)})")
 
 
 # --------------------------------------------------------------------------- semi-elastic sigma

@@ -381,19 +381,13 @@ def _digest(path: Path) -> str:
 
 
 def load_target(run, device):
-    """The smoothed classifier a run was certified with: fixed noise, or paper mode for an
-    input-dependent generator (the only way `ucan certify` certifies such a run)."""
-    from .adaptive import PaperModeSmooth
+    """The smoothed classifier a run was certified with (:meth:`TrainedRun.smoothed`): fixed noise,
+    a sound shift mode, or paper mode for an input-dependent generator (the only way `ucan certify`
+    certifies such a run)."""
     from .train import load_trained
 
     trained = load_trained(run)
-    model = trained.model.to(device)
-    if trained.generator is not None and trained.generator.input_dependent:
-        target = PaperModeSmooth(model, trained.num_classes, trained.base_noise, trained.generator.to(device),
-                                 input_shape=trained.input_shape)
-    else:
-        target = SmoothTarget(Smooth(model, trained.num_classes, trained.noise(), input_shape=trained.input_shape))
-    return target, trained
+    return as_target(trained.smoothed(device, paper_mode=trained.input_dependent)), trained
 
 
 def run(args) -> int:

@@ -8,6 +8,12 @@ where it stopped. Each image draws its noise from its own seed
 (``--seed`` and its index), so a resumed or multi-process run gives the same
 rows as a single uninterrupted one. Under ``torchrun`` the images are split
 across processes, each writes its own part, and rank 0 merges them.
+
+What is certified is the run's own smoothed classifier
+(:meth:`~ucan_smoothing.train.TrainedRun.smoothed`): fixed noise, the sound
+input-adaptive modes (``noisy_shift``: ``f(z + mu(z))`` under fixed noise;
+``lipschitz_shift``: radius ``R / (1 + L)``), or, only with ``--paper-mode``,
+the paper's input-dependent NPG, labelled NOT a certificate.
 """
 
 from __future__ import annotations
@@ -34,7 +40,7 @@ from .results import (
     split_indices,
 )
 from .sequential import certify_radius
-from .smooth import ABSTAIN, Certificate, Smooth
+from .smooth import ABSTAIN, Certificate
 from .train import load_trained
 
 
@@ -79,10 +85,7 @@ def _checkpoint_file(run: Path) -> Path:
 
 
 def _npg_description(trained) -> str:
-    if trained.generator is None:
-        return "none"
-    info = trained.generator.describe()
-    return f"{info['kind']}:p={info['p']}" if "p" in info else info["kind"]
+    return trained.description()
 
 
 def image_generator(seed: int, idx: int, device: torch.device) -> torch.Generator:
@@ -123,6 +126,9 @@ def _check_paper_mode(trained, args) -> bool:
         raise ValueError("--paper-mode is only for runs with an input-dependent generator")
     if paper_mode and args.radius is not None:
         raise ValueError("--paper-mode cannot be combined with the sequential mode (--radius)")
+    if getattr(trained.shift, "clean_input", False) and args.radius is not None:
+        raise ValueError("the sequential mode (--radius) is not available for a lipschitz_shift run: certify it "
+                         "without --radius (its radius is R / (1 + L))")
     return paper_mode
 
 
@@ -140,14 +146,7 @@ def _certify(args, context) -> int:
     dataset_name = args.dataset or trained.meta["dataset"]
     paper_mode = _check_paper_mode(trained, args)
     noise = trained.base_noise if paper_mode else trained.noise()
-    model = trained.model.to(context.device)
-    if paper_mode:
-        from .adaptive import PaperModeSmooth
-
-        smooth = PaperModeSmooth(model, trained.num_classes, noise, trained.generator.to(context.device),
-                                 input_shape=trained.input_shape)
-    else:
-        smooth = Smooth(model, trained.num_classes, noise, input_shape=trained.input_shape)
+    smooth = trained.smoothed(context.device, paper_mode=paper_mode)
     is_certificate = noise.is_certificate and not paper_mode
     sequential = args.radius is not None
     if sequential:

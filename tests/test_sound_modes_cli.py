@@ -1,0 +1,182 @@
+"""The sound input-adaptive modes end to end from the command line, on 512 real MNIST images:
+`ucan train npg --kind noisy_shift | lipschitz_shift`, `ucan certify RUN` (rows labelled as proven
+certificates, the Lipschitz radius is R / (1 + L) of the same p_lower), `ucan attack` on the result
+files, checkpoint round trip and resume, and the errors for a wrong kind or option."""
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from ucan_smoothing import Gaussian, Smooth
+from ucan_smoothing.adaptive import (
+    LipschitzShiftNet,
+    LipschitzShiftSmooth,
+    NoisyInputShift,
+    NoisyShiftNet,
+    lipschitz_bounds,
+)
+from ucan_smoothing.attack import ATTACK_SCHEMA
+from ucan_smoothing.certify_command import image_generator
+from ucan_smoothing.cli import main
+from ucan_smoothing.data import load_dataset
+from ucan_smoothing.results import read_results, read_sidecar
+from ucan_smoothing.train import load_trained, read_metrics, train_classifier
+
+SMALL = ["--max-train", "512", "--max-test", "64", "--epochs", "1", "--batch-size", "64", "--device", "cpu",
+         "--threads", "1", "--no-progress"]
+CERTIFY = ["--n0", "32", "--n", "300", "--max", "3", "--batch-size", "400", "--no-progress"]
+ATTACK = ["--steps", "3", "--samples", "8", "--n", "300", "--batch-size", "300", "--no-progress"]
+LIPSCHITZ = 0.8
+#: the enforced cap gives gamma * cap^depth = L; the proven bound adds a 1e-4 relative margin for rounding
+TOLERANCE = 1 + 2e-4
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """One thread per forward pass: small batches gain nothing from more, and on a loaded
+    machine two OpenMP threads can be many times slower."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    root = tmp_path_factory.mktemp("sound")
+    try:
+        base = train_classifier(max_train=512, max_test=64, epochs=2, batch_size=64, device="cpu", threads=1,
+                                progress=False, seed=0, out=str(root / "base"))
+    except FileNotFoundError as error:  # MNIST wheel not installed
+        pytest.skip(str(error))
+    noisy, lipschitz = root / "noisy", root / "lipschitz"
+    assert main(["train", "npg", "--kind", "noisy_shift", "--base", str(base), *SMALL, "--out", str(noisy)]) == 0
+    assert main(["train", "npg", "--kind", "lipschitz_shift", "--lipschitz", str(LIPSCHITZ), "--base", str(base),
+                 *SMALL, "--out", str(lipschitz)]) == 0
+    return Path(base), noisy, lipschitz
+
+
+@pytest.fixture(scope="module")
+def certified(runs, tmp_path_factory):
+    root = tmp_path_factory.mktemp("results")
+    files = {}
+    for run in runs[1:]:
+        out = root / f"{run.name}.tsv"
+        assert main(["certify", str(run), "--out", str(out), *CERTIFY]) == 0
+        files[run.name] = out
+    return files
+
+
+def test_training_writes_the_run_and_keeps_the_frozen_classifier(runs):
+    base, noisy, lipschitz = runs
+    for run, cls in ((noisy, NoisyShiftNet), (lipschitz, LipschitzShiftNet)):
+        trained = load_trained(run, expected_noise=Gaussian(0.25))
+        assert isinstance(trained.shift, cls) and trained.generator is None
+        record = json.loads((run / "config.json").read_text())
+        assert record["shift"] == trained.shift.describe() and record["config"]["npg"]["kind"] == cls.kind
+        assert [row["epoch"] for row in read_metrics(run)] == [1]
+        # the classifier was frozen (no --joint): the shift network is all that was trained
+        base_state = torch.load(base / "final.pt", weights_only=True)["state_dict"]
+        state = torch.load(run / "final.pt", weights_only=True)["state_dict"]
+        assert all(torch.equal(base_state[k], state[k]) for k in base_state)
+        assert any(p.abs().sum() > 0 for p in trained.shift.parameters())  # it moved away from mu = 0
+    assert load_trained(lipschitz).shift.describe()["lipschitz"] == LIPSCHITZ
+
+
+def test_noisy_shift_rows_are_certificates_of_that_base_classifier(runs, certified):
+    _, noisy, _ = runs
+    rows = read_results(certified["noisy"])
+    assert len(rows) == 3
+    sidecar = read_sidecar(certified["noisy"])["config"]
+    assert sidecar["npg"] == "noisy_shift" and sidecar["is_certificate"] is True and sidecar["mode"] == "certify"
+    trained = load_trained(noisy)
+    smooth = Smooth(NoisyInputShift(trained.model, trained.shift), 10, Gaussian(0.25))
+    data = load_dataset("mnist", "test")
+    for row in rows:
+        assert row["npg"] == "noisy_shift" and row["is_certificate"] is True and row["noise"] == "gaussian:0.25"
+        # exactly what `ucan certify` computed: the same classifier, the same noise stream
+        cert = smooth.certify(data[row["idx"]][0], 32, 300, 0.001, batch_size=400,
+                              generator=image_generator(0, row["idx"], torch.device("cpu")))
+        assert (cert.prediction, cert.p_lower) == (row["predict"], row["p_lower"])
+        assert cert.radius(2) == pytest.approx(row["radius_l2"], rel=1e-12)
+    assert any(row["predict"] != -1 for row in rows)
+
+
+def test_lipschitz_rows_shrink_the_radius_by_one_plus_l(runs, certified):
+    _, _, lipschitz = runs
+    trained = load_trained(lipschitz)
+    bound = trained.lipschitz()
+    assert 0 < bound <= LIPSCHITZ * TOLERANCE  # the cap enforces the chosen L
+    assert bound == lipschitz_bounds(trained.shift, Gaussian(0.25))[2]
+    assert isinstance(trained.smoothed(), LipschitzShiftSmooth)
+    rows = read_results(certified["lipschitz"])
+    assert read_sidecar(certified["lipschitz"])["config"]["is_certificate"] is True
+    for row in rows:
+        assert row["npg"] == f"lipschitz_shift:L={bound:.4g}" and row["is_certificate"] is True
+        if row["predict"] == -1:
+            assert row["radius"] == 0
+            continue
+        base_radius = Gaussian(0.25).radius(row["p_lower"], 2, 784)
+        assert row["radius"] == pytest.approx(base_radius / (1 + bound), rel=1e-9)
+        assert row["radius_l2"] == row["radius"]
+    assert any(row["predict"] != -1 for row in rows)
+
+
+def test_attack_reads_both_result_files(certified, tmp_path, capsys):
+    for name, results in certified.items():
+        out = tmp_path / f"{name}.attack.tsv"
+        assert main(["attack", str(results), "--out", str(out), *ATTACK]) == 0
+        assert "proven certificates" in capsys.readouterr().out
+        rows = read_results(out, ATTACK_SCHEMA)
+        assert [row["idx"] for row in rows] == [row["idx"] for row in read_results(results)]
+        for row in rows:
+            assert row["is_certificate"] is True
+            if row["attacked"]:
+                assert row["method"] == "pgd" and row["delta_norm"] <= row["radius"]
+        summary = json.loads(Path(f"{out}.summary.json").read_text())
+        assert summary["is_certificate"] is True and summary["attacked"] == sum(r["attacked"] for r in rows)
+
+
+def test_checkpoint_round_trip_and_resume(runs, tmp_path):
+    _, _, lipschitz = runs
+    saved = torch.load(lipschitz / "final.pt", weights_only=True)["extra"]
+    first, second = load_trained(lipschitz), load_trained(lipschitz / "last.pt")
+    for key, value in saved["shift_state"].items():
+        assert torch.equal(first.shift.state_dict()[key], value)
+    x = torch.rand(4, 1, 28, 28)
+    with torch.no_grad():
+        assert torch.equal(first.shift(x), second.shift(x))
+    assert first.lipschitz() == second.lipschitz() and first.description() == second.description()
+    # resume to a second epoch: the shift network comes back from last.pt and keeps training
+    assert main(["train", "--resume", "--out", str(lipschitz), "--epochs", "2", "--threads", "1",
+                 "--no-progress"]) == 0
+    assert [row["epoch"] for row in read_metrics(lipschitz)] == [1, 2]
+    resumed = load_trained(lipschitz)
+    assert not all(torch.equal(resumed.shift.state_dict()[k], v) for k, v in saved["shift_state"].items())
+    assert resumed.lipschitz() <= LIPSCHITZ * TOLERANCE
+
+
+@pytest.mark.parametrize("argv, match", [
+    (["train", "classifier", "--kind", "noisy_shift"], "train npg"),
+    (["train", "npg", "--kind", "lipschitz_shift"], "--base"),
+    (["train", "npg", "--kind", "universal", "--lipschitz", "0.5", "--joint"], "bad parameters"),
+    (["train", "npg", "--kind", "lipschitz_shift", "--lipschitz", "-1", "--joint"], "lipschitz must be"),
+    (["train", "npg", "--kind", "universal", "--npg-checkpoint", "x.pt", "--joint"], "npg-checkpoint"),
+])
+def test_wrong_kinds_and_options_are_refused(argv, match, capsys):
+    assert main(argv) == 2
+    assert match in capsys.readouterr().err
+
+
+def test_certify_refuses_modes_that_do_not_apply(runs, tmp_path, capsys):
+    base, noisy, lipschitz = runs
+    assert main(["certify", str(noisy), "--out", str(tmp_path / "a.tsv"), "--paper-mode", *CERTIFY]) == 2
+    assert "only for runs with an input-dependent generator" in capsys.readouterr().err
+    assert main(["certify", str(lipschitz), "--out", str(tmp_path / "b.tsv"), "--radius", "0.1", *CERTIFY]) == 2
+    assert "sequential mode" in capsys.readouterr().err
+    # a shift kind's fixed noise must come from a run with a fixed generator
+    assert main(["train", "npg", "--kind", "noisy_shift", "--base", str(base), "--npg-checkpoint", str(base),
+                 *SMALL, "--out", str(tmp_path / "bad")]) == 2
+    assert "no noise parameter generator" in capsys.readouterr().err
