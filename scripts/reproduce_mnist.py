@@ -8,6 +8,12 @@ Methods at each noise level lambda in {0.25, 0.5, 1.0} (Gaussian family):
 * universal    universal NPG trained from the baseline (classifier frozen)
 * input-dep.   the paper's input-dependent NPG, trained jointly; certified in
                the paper's mode, which is NOT a certificate (DESIGN.md section 4)
+* noisy_shift  sound input-adaptive mode: mu computed from the NOISY sample
+               (part of the base classifier), fixed isotropic noise
+* lipschitz_shift  sound input-adaptive mode: clean-input mu with a proven
+               Lipschitz bound L (here 0.5), radius R / (1 + L)
+
+The two sound adaptive modes run at lambda = 0.5 only, on 100 images (time).
 
 Protocol (default): n0 = 100, n = 10,000, alpha = 0.001; 200 evenly spaced
 test images at lambda = 0.5, 100 at the others. Every step is resumable: run
@@ -40,6 +46,8 @@ def parse_args():
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--skip-paper-mode", action="store_true", help="leave out the input-dependent method")
     parser.add_argument("--attack", action="store_true", help="also run `ucan attack` on every result file")
+    parser.add_argument("--sound-levels", type=float, nargs="*", default=[0.5],
+                        help="noise levels at which the sound adaptive modes run (default 0.5)")
     return parser.parse_args()
 
 
@@ -95,8 +103,19 @@ def main() -> int:
             train(runs["input-dependent"], "npg", "--kind", "input_dependent", "--joint",
                   "--base", str(base / "final.pt"), *noise, *npg_epochs)
 
+        sigma_runs = [str(run) for method, run in runs.items() if method != "isotropic"]
+        if scale in args.sound_levels:
+            runs["noisy_shift"] = out / level / "noisy_shift"
+            train(runs["noisy_shift"], "npg", "--kind", "noisy_shift", "--base", str(base / "final.pt"),
+                  *noise, *npg_epochs)
+            runs["lipschitz_shift"] = out / level / "lipschitz_shift"
+            train(runs["lipschitz_shift"], "npg", "--kind", "lipschitz_shift", "--lipschitz", "0.5",
+                  "--base", str(base / "final.pt"), *noise, *npg_epochs)
+
         images = 4 if args.quick else (200 if scale == 0.5 else 100)
         for method, run in runs.items():
+            if method in ("noisy_shift", "lipschitz_shift"):
+                images = 4 if args.quick else 100
             path = out / "results" / f"{level}_{run.name}.tsv"
             extra = ["--paper-mode"] if method == "input-dependent" else []
             ucan("certify", str(run), "--out", str(path), "--n0", "100", "--n", n, "--alpha", "0.001",
@@ -111,7 +130,7 @@ def main() -> int:
         labels = [item for (s, method) in results if s == scale for item in ("--label", f"{method} (lambda={scale:g})")]
         files = [str(path) for (s, _), path in results.items() if s == scale]
         ucan("analyze", *files, *labels, "--out", str(out / "analysis" / level),
-             "--sigma", *[str(run) for method, run in runs.items() if method != "isotropic"])
+             "--sigma", *sigma_runs)
     return 0
 
 
