@@ -50,7 +50,6 @@ import platform
 import random
 import shlex
 import sys
-import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -64,6 +63,7 @@ from tqdm.auto import tqdm
 from . import __version__
 from .adaptive import SHIFTS, PaperModeSmooth, lipschitz_bounds, make_shift, shift_from_config, shift_smoothed
 from .anisotropic import Anisotropic
+from .fileio import atomic_open
 from .data import DATASETS, canonical_dataset_name, load_dataset
 from .distributed import DistContext, cleanup, init_distributed
 from .generators import GENERATORS, NoiseGenerator, generator_from_config, make_generator, sigma_stats
@@ -248,25 +248,13 @@ def _describe_noise(cfg: TrainConfig) -> dict:
 
 
 def _atomic_write(path: Path, data: bytes) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
+    with atomic_open(path) as handle:
+        handle.write(data)
 
 
 def _atomic_torch_save(path: Path, obj) -> None:
-    buffer = io.BytesIO()
-    torch.save(obj, buffer)
-    _atomic_write(path, buffer.getvalue())
+    with atomic_open(path) as handle:
+        torch.save(obj, handle)
 
 
 def _versions() -> dict:
