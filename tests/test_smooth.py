@@ -26,6 +26,11 @@ X = torch.tensor([0.4, 0.1, -0.3, 0.7, 0.2, 0.0, 0.5, -0.1])
 B = 0.2
 
 
+def exact_scaled_radius(model):
+    """Exact radius of the linear oracle at X in the scaled norm ``||delta / sigma||_2``."""
+    return abs(model.margin(X, MU)) / float(torch.linalg.vector_norm(SIGMA.double() * W.double()))
+
+
 def linear_setup(scale=0.5, mu=MU):
     model = LinearBinary(W, B)
     return model, Smooth(model, 2, Anisotropic(Gaussian(scale), SIGMA, mu), input_shape=(8,))
@@ -129,7 +134,7 @@ def assert_rate_at_most_alpha(wrong, trials, alpha):
 def test_statistical_validity_linear_gaussian():
     """Over many independent runs the certificate over-claims in at most alpha of them."""
     model, smooth = linear_setup(scale=1.0)
-    exact_scaled = abs(model.margin(X, MU)) / float(torch.linalg.vector_norm(SIGMA.double() * W.double()))
+    exact_scaled = exact_scaled_radius(model)
     trials, alpha = 3000, 0.01
     wrong = overclaims(smooth, X, exact_scaled, model.label(X, MU), trials, 400, alpha, 2024)
     assert_rate_at_most_alpha(wrong, trials, alpha)
@@ -147,7 +152,7 @@ def test_statistical_validity_one_axis_laplace():
 
 def test_statistical_validity_at_the_paper_alpha():
     model, smooth = linear_setup(scale=1.0)
-    exact_scaled = abs(model.margin(X, MU)) / float(torch.linalg.vector_norm(SIGMA.double() * W.double()))
+    exact_scaled = exact_scaled_radius(model)
     trials, alpha = 30_000, 0.001
     wrong = overclaims(smooth, X, exact_scaled, model.label(X, MU), trials, 1000, alpha, 5)
     assert_rate_at_most_alpha(wrong, trials, alpha)
