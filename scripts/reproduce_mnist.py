@@ -46,6 +46,8 @@ def parse_args():
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--skip-paper-mode", action="store_true", help="leave out the input-dependent method")
     parser.add_argument("--attack", action="store_true", help="also run `ucan attack` on every result file")
+    parser.add_argument("--levels", type=float, nargs="+", default=list(SCALES),
+                        help="noise levels to run, in this order (default 0.5 0.25 1.0)")
     parser.add_argument("--sound-levels", type=float, nargs="*", default=[0.5],
                         help="noise levels at which the sound adaptive modes run (default 0.5)")
     return parser.parse_args()
@@ -87,7 +89,7 @@ def main() -> int:
         ucan("train", *options, *quick, *seed, "--out", str(run), *resume)
 
     results = {}
-    for scale in SCALES:
+    for scale in args.levels:
         level = f"g{scale:g}"
         noise = ["--noise", "gaussian", "--scale", f"{scale:g}"]
         base = out / level / "isotropic"
