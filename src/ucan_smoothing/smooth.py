@@ -40,9 +40,9 @@ class Certificate:
     """The outcome of CERTIFY for one input.
 
     ``regions`` are the certified sets ``{||delta / sigma||_p <= R}``, one per
-    native norm of the noise (empty on abstention). ``radius(q)`` is the
-    largest ``lq`` ball inside their union's members; ``alm`` is the paper's
-    volume figure and is NOT a certified radius. ``is_certificate`` is False
+    native norm of the noise (empty on abstention); each is certified, so
+    ``radius(q)`` is the radius of the largest ``lq`` ball inside any one of
+    them. ``alm`` is the paper's volume figure and is NOT a certified radius. ``is_certificate`` is False
     for anything that is not a proven guarantee.
     """
 
