@@ -26,7 +26,6 @@ about every point of the ball.
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import math
 import sys
@@ -39,6 +38,7 @@ import torch
 from scipy import stats
 from tqdm.auto import tqdm
 
+from .fileio import file_sha256
 from .norms import norm_name, parse_norm
 from .results import (
     COHEN_COLUMNS,
@@ -372,14 +372,6 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
 
 
-def _digest(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def load_target(run, device):
     """The smoothed classifier a run was certified with (:meth:`TrainedRun.smoothed`): fixed noise,
     a sound shift mode, or paper mode for an input-dependent generator (the only way `ucan certify`
@@ -411,7 +403,7 @@ def run(args) -> int:
     norm = target.primary_norm if args.norm is None else parse_norm(args.norm)
     alpha_certify = float(config.get("alpha", rows[0]["alpha"] if rows and "alpha" in rows[0] else 0.001))
     data = load_dataset(dataset, split, data_root)
-    if "checkpoint_sha256" in config and Path(run_path).is_file() and _digest(Path(run_path)) != config["checkpoint_sha256"]:
+    if "checkpoint_sha256" in config and Path(run_path).is_file() and file_sha256(Path(run_path)) != config["checkpoint_sha256"]:
         print(f"warning: {run_path} is not the checkpoint {results_path} was certified with", file=sys.stderr)
 
     column = f"radius_{norm_name(norm)}"
@@ -419,7 +411,7 @@ def run(args) -> int:
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     attack_config = {
-        "results": str(results_path.resolve()), "results_sha256": _digest(results_path),
+        "results": str(results_path.resolve()), "results_sha256": file_sha256(results_path),
         "run": str(run_path), "dataset": dataset, "split": split, "data_root": data_root,
         "norm": norm_name(norm), "steps": args.steps, "samples": args.samples, "n": args.n, "alpha": args.alpha,
         "batch_size": args.batch_size, "max": args.max, "seed": args.seed,

@@ -19,13 +19,13 @@ the paper's input-dependent NPG, labelled NOT a certificate.
 from __future__ import annotations
 
 import argparse
-import hashlib
 import time
 from pathlib import Path
 
 import torch
 from tqdm.auto import tqdm
 
+from .fileio import file_sha256
 from .data import load_dataset
 from .distributed import cleanup, init_distributed
 from .norms import norm_name, parse_norm
@@ -66,14 +66,6 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--paper-mode", action="store_true",
                         help="certify an input-dependent NPG as the paper does (sigma(x), mu(x) frozen at the clean "
                              "input): reproduces its numbers, NOT a certificate (rows get is_certificate=false)")
-
-
-def _file_digest(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def _checkpoint_file(run: Path) -> Path:
@@ -158,7 +150,7 @@ def _certify(args, context) -> int:
 
     config = {
         "checkpoint": str(_checkpoint_file(run_path).resolve()),
-        "checkpoint_sha256": _file_digest(_checkpoint_file(run_path)),
+        "checkpoint_sha256": file_sha256(_checkpoint_file(run_path)),
         "dataset": dataset_name, "split": args.split, "data_root": args.data_root,
         "n0": args.n0, "n": args.n, "alpha": args.alpha, "batch_size": args.batch_size,
         "skip": args.skip, "max": args.max, "seed": args.seed,

@@ -9,6 +9,7 @@ crash tests can load it without torch.)
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import os
 import tempfile
 
@@ -31,3 +32,12 @@ def atomic_open(path, mode: str = "wb"):
         if os.path.exists(tmp):
             os.remove(tmp)
         raise
+
+
+def file_sha256(path) -> str:
+    """SHA-256 of a file, read in 1 MiB blocks (checkpoints can be large)."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
