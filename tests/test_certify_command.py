@@ -91,7 +91,7 @@ def test_two_processes_merge_into_the_single_process_file(run_dir, tmp_path):
     assert main(certify_args(run_dir, single)) == 0
     merged = tmp_path / "merged.tsv"
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29533",
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
                # `--` stops torchrun from reading our options (`--n` is a prefix of its `--nnodes`)
                "-m", "--", "ucan_smoothing.cli", *certify_args(run_dir, merged)]
     subprocess.run(command, check=True, env=env, capture_output=True, timeout=180)

@@ -424,7 +424,7 @@ def test_torchrun_two_processes_on_cpu(data_root, tmp_path):
     start = time.time()
     result = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=180)
     assert result.returncode == 0, result.stderr[-3000:]
-    checksums = re.findall(r"rank (\d)/2: parameter checksum (\S+)", result.stderr)
+    checksums = re.findall(r"rank (\d)/2: parameter checksum ([-+]?\d\.\d{12}e[-+]\d+)", result.stderr)
     assert sorted(r for r, _ in checksums) == ["0", "1"], result.stderr[-2000:]
     assert checksums[0][1] == checksums[1][1], "DDP replicas diverged"
     record = json.loads((out / "config.json").read_text())

@@ -1044,7 +1044,10 @@ class _Run:
                 checksum += sum(float(p.detach().double().sum()) for p in self.generator.parameters())
             if self.shift is not None:
                 checksum += sum(float(p.detach().double().sum()) for p in self.shift.parameters())
-            print(f"rank {ctx.rank}/{ctx.world_size}: parameter checksum {checksum:.12e}", file=sys.stderr)
+            # one write per line: print() writes text and newline separately, and the two ranks'
+            # lines then interleave on the shared stderr pipe
+            sys.stderr.write(f"rank {ctx.rank}/{ctx.world_size}: parameter checksum {checksum:.12e}\n")
+            sys.stderr.flush()
         return self.out
 
 
