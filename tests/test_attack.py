@@ -198,15 +198,20 @@ def test_certify_requires_paper_mode_for_an_input_dependent_npg_and_labels_it(ru
     assert read_sidecar(out)["config"]["mode"] == "paper" and read_sidecar(out)["config"]["is_certificate"] is False
 
 
+def _as_text_without_time(rows):
+    """Rows comparable with ==: as text (NaN != NaN), without the wall-clock column."""
+    return [{k: str(v) for k, v in row.items() if k != "time"} for row in rows]
+
+
 def test_attack_command_writes_rows_a_summary_and_resumes(runs, tmp_path, capsys):
     base, npg = runs
     results = tmp_path / "plain.tsv"
     assert main(["certify", str(base), "--out", str(results), *CERTIFY]) == 0
     out = tmp_path / "attack.tsv"
     assert main(["attack", str(results), "--out", str(out), "--max", "2", *ATTACK]) == 0
-    assert main(["attack", str(results), "--out", str(out), *ATTACK]) == 2  # another config (--max)
     first = read_results(out, ATTACK_SCHEMA)
     assert [row["idx"] for row in first] == [0, 1]
+    assert main(["attack", str(results), "--out", str(out), *ATTACK, "--steps", "3"]) == 2  # another config
     capsys.readouterr()
     assert main(["attack", str(results), "--out", str(tmp_path / "full.tsv"), *ATTACK]) == 0
     assert "proven certificates" in capsys.readouterr().out
@@ -219,6 +224,9 @@ def test_attack_command_writes_rows_a_summary_and_resumes(runs, tmp_path, capsys
         if row["attacked"]:
             assert row["delta_norm"] <= row["radius"] and row["method"] == "pgd"
         assert row["is_certificate"] is True
+    # a larger --max extends the first file with the rows a single run would have written
+    assert main(["attack", str(results), "--out", str(out), *ATTACK]) == 0
+    assert _as_text_without_time(read_results(out, ATTACK_SCHEMA)) == _as_text_without_time(rows)
     summary = json.loads((tmp_path / "full.tsv.summary.json").read_text())
     assert summary["attacked"] == sum(row["attacked"] for row in rows) and summary["allowed_rate"] == 0.002
     # a paper-mode file: rebuilt as paper mode from the run, labelled in rows and summary

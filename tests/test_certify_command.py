@@ -73,6 +73,15 @@ def test_a_changed_config_is_refused(run_dir, tmp_path):
     assert main(certify_args(run_dir, out, "--alpha", "0.01")) == 2
 
 
+def test_a_larger_max_extends_a_file(run_dir, tmp_path):
+    reference, out = tmp_path / "all.tsv", tmp_path / "grown.tsv"
+    assert main(certify_args(run_dir, reference)) == 0
+    assert main(certify_args(run_dir, out, "--max", "3")) == 0
+    assert len(read_results(out)) == 3
+    assert main(certify_args(run_dir, out)) == 0  # --max 8 again: five more rows, same as one run
+    assert without_time(read_results(out)) == without_time(read_results(reference))
+
+
 def test_sequential_mode_writes_its_decision(run_dir, tmp_path):
     out = tmp_path / "seq.tsv"
     assert main(certify_args(run_dir, out, "--radius", "0.25", "--n", "2000")) == 0

@@ -42,6 +42,7 @@ from .fileio import file_sha256
 from .norms import norm_name, parse_norm
 from .results import (
     COHEN_COLUMNS,
+    PER_IMAGE_NON_IDENTITY_KEYS,
     Column,
     ResultFileError,
     ResultWriter,
@@ -418,7 +419,7 @@ def run(args) -> int:
         "out": str(out), "progress": args.progress, "device": str(device),
     }
     is_certificate = bool(getattr(target, "is_certificate", True)) and config.get("is_certificate", True) is not False
-    with ResultWriter(out, attack_config, schema=ATTACK_SCHEMA, non_identity=("out", "progress", "device")) as writer:
+    with ResultWriter(out, attack_config, schema=ATTACK_SCHEMA, non_identity=PER_IMAGE_NON_IDENTITY_KEYS) as writer:
         mine = [row for row in todo if row["idx"] not in writer.done_indices()]
         bar = tqdm(total=len(todo), initial=len(todo) - len(mine), unit="image", disable=not args.progress)
         for row in mine:

@@ -6,7 +6,8 @@
 images finish; killing the process and running the same command again goes on
 where it stopped. Each image draws its noise from its own seed
 (``--seed`` and its index), so a resumed or multi-process run gives the same
-rows as a single uninterrupted one. Under ``torchrun`` the images are split
+rows as a single uninterrupted one, and a larger ``--max`` on the same file
+extends it. Under ``torchrun`` the images are split
 across processes, each writes its own part, and rank 0 merges them.
 
 What is certified is the run's own smoothed classifier
@@ -30,6 +31,7 @@ from .data import load_dataset
 from .distributed import cleanup, init_distributed
 from .norms import norm_name, parse_norm
 from .results import (
+    PER_IMAGE_NON_IDENTITY_KEYS,
     RESULT_SCHEMA,
     SEQUENTIAL_COLUMNS,
     ResultWriter,
@@ -166,7 +168,7 @@ def _certify(args, context) -> int:
     schema = RESULT_SCHEMA.with_columns(*SEQUENTIAL_COLUMNS) if sequential else RESULT_SCHEMA
     noise_text, npg_text = describe_noise(noise), config["npg"]
 
-    with ResultWriter(target, config, schema=schema, non_identity=("out", "progress", "device")) as writer:
+    with ResultWriter(target, config, schema=schema, non_identity=PER_IMAGE_NON_IDENTITY_KEYS) as writer:
         mine = [i for i in split_indices(indices, context.rank, context.world_size) if i not in writer.done_indices()]
         done = len(split_indices(indices, context.rank, context.world_size)) - len(mine)
         bar = tqdm(total=len(mine) + done, initial=done, unit="image", disable=not (args.progress and context.is_main))
@@ -193,7 +195,7 @@ def _certify(args, context) -> int:
     if context.distributed:
         context.barrier()
         if context.is_main:
-            merge_shards(out, context.world_size, expected_indices=indices, non_identity=("out", "progress", "device"))
+            merge_shards(out, context.world_size, expected_indices=indices, non_identity=PER_IMAGE_NON_IDENTITY_KEYS)
         context.barrier()
     if context.is_main:
         label = "" if is_certificate else " (NOT a certificate: paper-mode figures)"

@@ -46,6 +46,10 @@ FORMAT = "ucan-results-v1"
 
 #: config keys that do not change the results, so a resume may change them
 NON_IDENTITY_KEYS = ("out", "output", "progress", "resume", "log_every", "num_workers")
+# For per-image result files (certify, attack): a row depends only on the config and its image
+# (each image draws its noise from a generator seeded by (seed, idx)), so the device and how
+# many images are asked for (``max``) may change on resume; a larger --max extends a file.
+PER_IMAGE_NON_IDENTITY_KEYS = ("out", "progress", "device", "max")
 
 
 class ResultFileError(ValueError):
