@@ -405,6 +405,21 @@ def test_shift_kind_options(base_run):
         resolve_config({"target": "npg", "npg": {"kind": "universal"}, "joint": True, "npg_checkpoint": "x"})
 
 
+def test_npg_takes_model_and_data_set_from_its_base(base_run, tmp_path):
+    from ucan_smoothing.models import build_model, save_checkpoint
+    extra = load_checkpoint(Path(base_run) / "final.pt")[1]["extra"]  # the noise record of `ucan train`
+    cifar = tmp_path / "cifar.pt"
+    save_checkpoint(cifar, build_model("resnet20"), model_name="resnet20", dataset="cifar10", extra=extra)
+    cfg = resolve_config({"target": "npg", "npg": {"kind": "universal"}, "base": str(cifar)})
+    assert (cfg.model, cfg.dataset) == ("resnet20", "cifar10")
+    assert cfg.npg["gamma"] == 5.0  # CIFAR-10's default, not ImageNet's
+    cfg = resolve_config({"target": "npg", "npg": {"kind": "universal"}, "base": base_run})
+    assert (cfg.model, cfg.dataset) == ("mnist_cnn", "mnist")
+    with pytest.raises(ValueError, match="takes"):  # told otherwise: the user's word, checked against the model
+        resolve_config({"target": "npg", "npg": {"kind": "universal"}, "base": str(cifar), "dataset": "mnist"})
+    assert resolve_config({"target": "classifier"}).model == "mnist_cnn"
+
+
 def test_save_sigma_png_rgb(tmp_path):
     path = tmp_path / "s.png"
     save_sigma_png(path, torch.rand(3, 8, 8) + 0.5, torch.rand(3, 8, 8) - 0.5, "title")

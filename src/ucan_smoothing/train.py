@@ -91,8 +91,8 @@ class TrainConfig:
     (filled in by :func:`resolve_config` and recorded resolved in config.json)."""
 
     target: str = "classifier"
-    model: str = "mnist_cnn"
-    dataset: str | None = None  # default: the model's data set
+    model: str | None = None  # default: the --base classifier's model, else mnist_cnn
+    dataset: str | None = None  # default: the --base classifier's data set, else the model's
     data_root: str | None = None
     # noise: the isotropic family and its level
     noise: str = "gaussian"
@@ -174,6 +174,12 @@ def resolve_config(config: TrainConfig | dict) -> TrainConfig:
             setattr(cfg, name, os.fspath(value))
     if cfg.target not in TARGETS:
         raise ValueError(f"unknown training target {cfg.target!r}; use one of {TARGETS}")
+    if cfg.target == "npg" and cfg.base is not None and (cfg.model is None or cfg.dataset is None):
+        # an NPG is trained for its base classifier: take what that classifier is unless told
+        base_meta = load_trained(cfg.base).meta
+        cfg.model = cfg.model or base_meta["model_name"]
+        cfg.dataset = cfg.dataset or base_meta["dataset"]
+    cfg.model = cfg.model or "mnist_cnn"
     spec = model_spec(cfg.model)
     cfg.dataset = canonical_dataset_name(cfg.dataset or spec.dataset)
     info = DATASETS[cfg.dataset]
@@ -1121,8 +1127,9 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("target", nargs="?", choices=TARGETS,
                         help="classifier: noise-augmented training; npg: train a noise parameter generator")
     g = parser.add_argument_group("model and data")
-    g.add_argument("--model", help="model name (mnist_cnn, resnet20, resnet110, resnet50; default mnist_cnn)")
-    g.add_argument("--dataset", help="data set (default: the model's)")
+    g.add_argument("--model", help="model name (mnist_cnn, resnet20, resnet110, resnet50); default: for `npg`, the "
+                   "--base classifier's, else mnist_cnn")
+    g.add_argument("--dataset", help="data set; default: for `npg`, the --base classifier's, else the model's")
     g.add_argument("--data-root", help="data folder (MNIST/Fashion-MNIST have defaults; CIFAR-10/ImageNet need one)")
     g.add_argument("--max-train", type=int, help="train on the first N training images only")
     g.add_argument("--max-test", type=int, help="evaluate on the first N test images only")
