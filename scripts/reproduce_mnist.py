@@ -22,6 +22,9 @@ is printed and logged to ``<out>/commands.txt``, so the report can quote them.
 
     python scripts/reproduce_mnist.py --out runs/reproduce           # full (about 1.5 h on 2 cores)
     python scripts/reproduce_mnist.py --out /tmp/r --quick           # minutes: checks the pipeline
+    python scripts/reproduce_mnist.py --dataset fashion_mnist --out runs/reproduce-fashion
+
+The NPG runs take their model and data set from the baseline (``--base``).
 """
 
 from __future__ import annotations
@@ -50,6 +53,10 @@ def parse_args():
                         help="noise levels to run, in this order (default 0.5 0.25 1.0)")
     parser.add_argument("--sound-levels", type=float, nargs="*", default=[0.5],
                         help="noise levels at which the sound adaptive modes run (default 0.5)")
+    parser.add_argument("--dataset", choices=("mnist", "fashion_mnist"), default="mnist",
+                        help="MNIST (default) or Fashion-MNIST: same model, same protocol")
+    parser.add_argument("--images", type=int, default=None,
+                        help="test images per level (default 200 at lambda 0.5, 100 at the others)")
     return parser.parse_args()
 
 
@@ -93,7 +100,7 @@ def main() -> int:
         level = f"g{scale:g}"
         noise = ["--noise", "gaussian", "--scale", f"{scale:g}"]
         base = out / level / "isotropic"
-        train(base, "classifier", *noise, *epochs)
+        train(base, "classifier", "--dataset", args.dataset, *noise, *epochs)
         runs = {"isotropic": base}
         runs["pattern"] = out / level / "pattern_p2"
         train(runs["pattern"], "npg", "--kind", "pattern", "--p", "2", "--joint", "--base", str(base / "final.pt"),
@@ -114,7 +121,7 @@ def main() -> int:
             train(runs["lipschitz_shift"], "npg", "--kind", "lipschitz_shift", "--lipschitz", "0.5",
                   "--base", str(base / "final.pt"), *noise, *npg_epochs)
 
-        images = 4 if args.quick else (200 if scale == 0.5 else 100)
+        images = 4 if args.quick else args.images or (200 if scale == 0.5 else 100)
         for method, run in runs.items():
             path = out / "results" / f"{level}_{run.name}.tsv"
             extra = ["--paper-mode"] if method == "input-dependent" else []
