@@ -73,6 +73,19 @@ def test_a_changed_config_is_refused(run_dir, tmp_path):
     assert main(certify_args(run_dir, out, "--alpha", "0.01")) == 2
 
 
+def test_memory_layout_is_recorded_and_may_change_on_resume(run_dir, tmp_path):
+    plain, fast = tmp_path / "plain.tsv", tmp_path / "fast.tsv"
+    assert main(certify_args(run_dir, plain, "--no-channels-last")) == 0
+    assert main(certify_args(run_dir, fast, "--max", "4")) == 0  # default: channels-last weights
+    assert read_sidecar(fast)["config"]["channels_last"] is True
+    assert main(certify_args(run_dir, fast, "--no-channels-last")) == 0  # resumes: rounding-only change
+    a, b = read_results(plain), read_results(fast)
+    assert [r["idx"] for r in a] == [r["idx"] for r in b]
+    assert [r["predict"] for r in a] == [r["predict"] for r in b]
+    # the counts may differ by a rounding flip of a sample near a decision boundary, no more
+    assert all(abs(x["p_lower"] - y["p_lower"]) < 0.01 for x, y in zip(a, b))
+
+
 def test_a_larger_max_extends_a_file(run_dir, tmp_path):
     reference, out = tmp_path / "all.tsv", tmp_path / "grown.tsv"
     assert main(certify_args(run_dir, reference)) == 0

@@ -27,6 +27,24 @@ def test_output_shape_small_models(name):
     assert torch.isfinite(out).all()
 
 
+@pytest.mark.parametrize("name", ["mnist_cnn", "resnet20"])
+def test_channels_last_keeps_the_outputs(name):
+    model = build_model(name).eval()
+    x = torch.rand(5, *MODEL_INPUT_SHAPES[name])
+
+    def nhwc_weights():
+        return [m.weight.is_contiguous(memory_format=torch.channels_last)
+                for m in model.modules() if isinstance(m, torch.nn.Conv2d)]
+
+    assert not all(nhwc_weights())
+    with torch.no_grad():
+        before = model(x)
+        assert models.to_channels_last(model) is model  # in place
+        after = model(x)
+    assert all(nhwc_weights())
+    torch.testing.assert_close(after, before, rtol=1e-4, atol=1e-4)
+
+
 def test_resnet50_forward_small_input():
     # Global average pooling makes the net size-agnostic: 64x64 keeps the test fast.
     model = build_model("resnet50").eval()

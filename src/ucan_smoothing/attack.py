@@ -370,17 +370,21 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max", type=int, default=None, help="attack at most this many rows")
     parser.add_argument("--seed", type=int, default=0, help="noise seed; row idx uses (seed, idx)")
     parser.add_argument("--device", default=None, help="cpu, cuda, cuda:1 (default: cuda when available)")
+    parser.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=True,
+                        help="store the classifier's conv weights channels-last: same outputs up to rounding, "
+                             "faster convolutions (default: on)")
     parser.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
 
 
-def load_target(run, device):
+def load_target(run, device, channels_last: bool = False):
     """The smoothed classifier a run was certified with (:meth:`TrainedRun.smoothed`): fixed noise,
     a sound shift mode, or paper mode for an input-dependent generator (the only way `ucan certify`
     certifies such a run)."""
     from .train import load_trained
 
     trained = load_trained(run)
-    return as_target(trained.smoothed(device, paper_mode=trained.input_dependent)), trained
+    return as_target(trained.smoothed(device, paper_mode=trained.input_dependent,
+                                      channels_last=channels_last)), trained
 
 
 def run(args) -> int:
@@ -400,7 +404,7 @@ def run(args) -> int:
     split = args.split or config.get("split", "test")
     data_root = args.data_root if args.data_root is not None else config.get("data_root")
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    target, trained = load_target(run_path, device)
+    target, trained = load_target(run_path, device, channels_last=args.channels_last)
     norm = target.primary_norm if args.norm is None else parse_norm(args.norm)
     alpha_certify = float(config.get("alpha", rows[0]["alpha"] if rows and "alpha" in rows[0] else 0.001))
     data = load_dataset(dataset, split, data_root)
@@ -417,6 +421,7 @@ def run(args) -> int:
         "norm": norm_name(norm), "steps": args.steps, "samples": args.samples, "n": args.n, "alpha": args.alpha,
         "batch_size": args.batch_size, "max": args.max, "seed": args.seed,
         "out": str(out), "progress": args.progress, "device": str(device),
+        "channels_last": args.channels_last,
     }
     is_certificate = bool(getattr(target, "is_certificate", True)) and config.get("is_certificate", True) is not False
     with ResultWriter(out, attack_config, schema=ATTACK_SCHEMA, non_identity=PER_IMAGE_NON_IDENTITY_KEYS) as writer:

@@ -2,12 +2,14 @@
 
 Measured in one run, on the same model, input, batch size and device:
 
-1. raw forward: ``model(noisy_batch)`` on a batch made once (the limit);
-2. ``Smooth.certify`` (noise drawn on the device, votes counted per batch);
+1. raw forward: ``model(noisy_batch)`` on a batch made once (the limit),
+   for the model as given and for the same weights stored channels-last;
+2. ``Smooth.certify`` (noise drawn on the device, votes counted per batch) on
+   both, each compared with its own raw forward;
 3. a Cohen-style reference loop written here (one image at a time, noise
    drawn per batch, predictions moved to the host and counted in NumPy);
 4. IBM ART's ``PyTorchRandomizedSmoothing.certify`` when the optional package
-   ``adversarial-robustness-toolbox`` is installed;
+   ``adversarial-robustness-toolbox`` is installed, on both models;
 5. the NPG overhead: certify with a universal generator evaluated for each
    image, against the same noise with sigma computed beforehand.
 
@@ -19,6 +21,7 @@ values of ``n`` in fresh subprocesses (the process's maximum resident size).
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import platform
 import statistics
@@ -30,7 +33,7 @@ import numpy as np
 import torch
 
 from .generators import UniversalGenerator
-from .models import build_model, model_spec
+from .models import build_model, model_spec, to_channels_last
 from .noises import Gaussian
 from .smooth import Smooth
 
@@ -138,63 +141,73 @@ def run(args) -> int:
     if args.memory_child is not None:
         return _memory_child(args)
     model, spec, x = _setup(args)
+    # the same weights stored channels-last (what `ucan certify` uses by default)
+    fast_model = to_channels_last(copy.deepcopy(model))
     noise = Gaussian(args.scale)
-    smooth = Smooth(model, spec.num_classes, noise)
     samples = args.n0 + args.n
     batches = -(-samples // args.batch_size)
     noisy = (x + noise.sample((args.batch_size, *spec.input_shape), device=args.device)).contiguous()
 
-    def raw_forward():
-        with torch.inference_mode():
-            for _ in range(batches):
-                model(noisy).argmax(1)
-        if args.device.startswith("cuda"):
-            torch.cuda.synchronize()
+    def raw_forward(net):
+        def forward():
+            with torch.inference_mode():
+                for _ in range(batches):
+                    net(noisy).argmax(1)
+            if args.device.startswith("cuda"):
+                torch.cuda.synchronize()
+        return forward
 
-    def certify():
-        smooth.certify(x, args.n0, args.n, 0.001, args.batch_size, generator=args.seed)
+    def certify(net, noise_of_net=noise):
+        smooth = Smooth(net, spec.num_classes, noise_of_net)
+        return lambda: smooth.certify(x, args.n0, args.n, 0.001, args.batch_size, generator=args.seed)
 
     def reference():
         cohen_reference_certify(model, x, args.scale, args.n0, args.n, args.batch_size, spec.num_classes)
 
-    methods = {"raw forward (limit)": (raw_forward, batches * args.batch_size),
-               "Smooth.certify": (certify, samples),
-               "Cohen-style loop": (reference, samples)}
+    # name: (function, samples it processes, the raw forward it is compared with)
+    given, nhwc = "raw forward (limit)", "raw forward, channels-last"
+    methods = {given: (raw_forward(model), batches * args.batch_size, given),
+               nhwc: (raw_forward(fast_model), batches * args.batch_size, nhwc),
+               "Smooth.certify": (certify(model), samples, given),
+               "certify, channels-last": (certify(fast_model), samples, nhwc),
+               "Cohen-style loop": (reference, samples, given)}
     # NPG overhead: a universal generator evaluated for every certified image,
     # against the same anisotropic noise with its sigma computed beforehand.
     npg = UniversalGenerator(spec.input_shape).to(args.device)
-    fixed_smooth = Smooth(model, spec.num_classes, npg.to_noise(noise))
-
-    def certify_fixed_sigma():
-        fixed_smooth.certify(x, args.n0, args.n, 0.001, args.batch_size, generator=args.seed)
 
     def certify_with_npg():
         Smooth(model, spec.num_classes, npg.to_noise(noise)).certify(
             x, args.n0, args.n, 0.001, args.batch_size, generator=args.seed)
 
-    methods["certify, fixed sigma"] = (certify_fixed_sigma, samples)
-    methods["certify + NPG"] = (certify_with_npg, samples)
+    methods["certify, fixed sigma"] = (certify(model, npg.to_noise(noise)), samples, given)
+    methods["certify + NPG"] = (certify_with_npg, samples, given)
     art = _art_certify(model, spec, x, args)
     if art is not None:
-        methods["ART certify"] = (art, samples)
+        methods["ART certify"] = (art, samples, given)
+        methods["ART, channels-last model"] = (_art_certify(fast_model, spec, x, args), samples, nhwc)
 
-    raw_forward()  # warm-up: allocator, kernels, thread pools
+    raw_forward(model)()  # warm-up: allocator, kernels, thread pools
+    raw_forward(fast_model)()
     times = {name: [] for name in methods}
     for _ in range(args.rounds):
-        for name, (fn, _) in methods.items():
+        for name, (fn, _, _) in methods.items():
             times[name].append(_timed(fn))
     throughput = {name: methods[name][1] / statistics.median(t) for name, t in times.items()}
-    limit = throughput["raw forward (limit)"]
 
     print(f"model {args.model}, batch {args.batch_size}, n0 {args.n0} + n {args.n}, device {args.device}, "
           f"{torch.get_num_threads()} threads, {platform.processor() or platform.machine()}")
-    print(f"{'method':<22}{'samples/s':>12}{'ratio to limit':>16}")
+    print(f"{'method':<27}{'samples/s':>12}{'ratio to its raw forward':>26}")
     for name, value in throughput.items():
-        print(f"{name:<22}{value:>12.0f}{value / limit:>16.3f}")
+        print(f"{name:<27}{value:>12.0f}{value / throughput[methods[name][2]]:>26.3f}")
     overhead = throughput["certify, fixed sigma"] / throughput["certify + NPG"] - 1
     print(f"NPG overhead (universal generator per image vs fixed sigma): {100 * overhead:+.2f}%")
     if art is None:
         print('(ART not installed: pip install -e ".[bench]" to compare)')
+    else:
+        fast = throughput["certify, channels-last"]
+        print(f"certify (channels-last, as `ucan certify` runs) / ART on the model as given: "
+              f"{fast / throughput['ART certify']:.2f}x; / ART on the channels-last model: "
+              f"{fast / throughput['ART, channels-last model']:.2f}x")
 
     memory = {}
     for n in args.memory:

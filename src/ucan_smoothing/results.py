@@ -48,8 +48,9 @@ FORMAT = "ucan-results-v1"
 NON_IDENTITY_KEYS = ("out", "output", "progress", "resume", "log_every", "num_workers")
 # For per-image result files (certify, attack): a row depends only on the config and its image
 # (each image draws its noise from a generator seeded by (seed, idx)), so the device and how
-# many images are asked for (``max``) may change on resume; a larger --max extends a file.
-PER_IMAGE_NON_IDENTITY_KEYS = ("out", "progress", "device", "max")
+# many images are asked for (``max``) may change on resume; a larger --max extends a file. The
+# device and the weights' memory layout (channels_last) change the logits by rounding only.
+PER_IMAGE_NON_IDENTITY_KEYS = ("out", "progress", "device", "channels_last", "max")
 
 
 class ResultFileError(ValueError):
