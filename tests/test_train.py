@@ -139,6 +139,58 @@ def test_resume_gives_the_same_weights_as_an_uninterrupted_run(data_root, tmp_pa
     assert record["resumed"][0]["at_epoch"] == 2 and record["config"]["epochs"] == 2
 
 
+class _Crash(Exception):
+    pass
+
+
+def test_resume_inside_an_epoch_gives_the_uninterrupted_run(data_root, tmp_path, monkeypatch):
+    import ucan_smoothing.train as train_module
+    common = dict(data_root=data_root, max_train=256, max_test=64, seed=5, epochs=2, **FAST)  # 4 steps per epoch
+    straight = train_classifier(out=str(tmp_path / "straight"), **common)
+    real_save = train_module.save_checkpoint
+    saved = []
+
+    def save_then_crash(path, model, **kwargs):
+        real_save(path, model, **kwargs)
+        partial = kwargs["extra"].get("train_state", {}).get("partial")
+        saved.append(partial and (partial["epoch"], partial["step"]))
+        if saved[-1] == (2, 3):
+            raise _Crash  # killed right after the checkpoint in epoch 2 after 3 of its 4 steps
+
+    monkeypatch.setattr(train_module, "save_checkpoint", save_then_crash)
+    with pytest.raises(_Crash):
+        train_classifier(out=str(tmp_path / "crashed"), checkpoint_every=1, **common)
+    assert saved == [(1, 1), (1, 2), (1, 3), None, (2, 1), (2, 2), (2, 3)]  # None: the end of epoch 1
+    monkeypatch.setattr(train_module, "save_checkpoint", real_save)
+    resumed = train_classifier(out=str(tmp_path / "crashed"), resume=True, checkpoint_every=0, **common)
+    _assert_same_weights(Path(straight) / "final.pt", Path(resumed) / "final.pt")
+    assert [_without_timing(r) for r in read_metrics(straight)] == [_without_timing(r) for r in read_metrics(resumed)]
+    with pytest.raises(ValueError, match="checkpoint_every must be >= 0"):
+        resolve_config({"checkpoint_every": -1})
+
+
+def _without_timing(row: dict) -> dict:
+    return {k: v for k, v in row.items() if k not in ("epoch_time_s", "train_samples_per_s")}
+
+
+def test_batches_start_at_any_step_for_on_disk_data():
+    from ucan_smoothing.distributed import DistContext
+    from ucan_smoothing.train import _Batches
+
+    class Folder(torch.utils.data.Dataset):  # an on-disk-style data set: items, no tensor of images
+        def __len__(self):
+            return 10
+
+        def __getitem__(self, i):
+            return torch.full((1, 2, 2), float(i)), i
+
+    batches = _Batches(Folder(), 3, DistContext(), seed=0, shuffle=True)
+    batches.set_epoch(1)
+    full = [y.tolist() for _, y in batches]
+    assert sorted(sum(full, [])) == list(range(10)) and len(full) == 4
+    assert [y.tolist() for _, y in batches.batches(2)] == full[2:]
+
+
 def test_resume_refuses_a_changed_config(base_run, data_root):
     with pytest.raises(ValueError, match="changed configuration.*scale"):
         train_classifier(data_root=data_root, epochs=3, out=base_run, resume=True, **{**FAST, "batch_size": 64},
@@ -435,6 +487,7 @@ def test_torchrun_two_processes_on_cpu(data_root, tmp_path):
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m",
            "ucan_smoothing.cli", "train", "classifier", "--data-root", data_root, "--max-train", "256",
            "--max-test", "64", "--epochs", "2", "--batch-size", "64", "--device", "cpu", "--no-progress",
+           "--checkpoint-every", "2",  # the mid-epoch save gathers every rank's sums
            "--out", str(out)]
     start = time.time()
     result = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=180)

@@ -21,11 +21,12 @@ Two targets (``ucan train classifier ...`` / ``ucan train npg ...``):
 A run folder (``--out``) holds ``config.json`` (the resolved configuration,
 versions, seed, the command line), ``metrics.csv`` (one row per epoch),
 ``last.pt`` (everything needed to resume, rewritten atomically after every
-epoch) and ``final.pt`` (written at the end); NPG runs and anisotropic
+epoch, and every ``--checkpoint-every`` steps inside one) and ``final.pt`` (written at the end); NPG runs and anisotropic
 classifier runs add ``sigma.png`` (the sigma map, per channel, with colour
 bars), ``sigma.pt`` and ``mu.pt``. ``--resume`` continues from ``last.pt``
 and gives bit-for-bit the weights of an uninterrupted run on the same
-device; it refuses a changed configuration (the number of epochs may be
+device (the training noise is seeded per step, and an epoch resumed inside
+skips the batches it trained); it refuses a changed configuration (the number of epochs may be
 raised, the device, thread count and data folder may change).
 
 Multi-process: ``torchrun --nproc_per_node=N -m ucan_smoothing.cli train ...``
@@ -76,7 +77,8 @@ TARGETS = ("classifier", "npg")
 OPTIMIZERS = ("sgd", "adam")
 #: fields that may differ when a run is resumed (they do not change what is computed,
 #: or, for ``epochs``, only extend it)
-RESUMABLE_CHANGES = ("epochs", "device", "threads", "workers", "data_root", "out", "resume", "progress")
+RESUMABLE_CHANGES = ("epochs", "device", "threads", "workers", "data_root", "out", "resume", "progress",
+                     "checkpoint_every")
 METRIC_FIELDS = ["epoch", "lr", "train_loss", "train_ce", "train_acc", "test_acc_noisy", "test_acc_clean",
                  "epoch_time_s", "train_samples_per_s", "sigma_mean", "sigma_min", "sigma_max", "sigma_geomean"]
 LAST, FINAL = "last.pt", "final.pt"
@@ -124,6 +126,9 @@ class TrainConfig:
     device: str | None = None
     threads: int | None = None
     workers: int = 0
+    # also save last.pt every N training steps inside an epoch (0: at epoch ends only); for long
+    # epochs (ImageNet) so that an interruption loses at most N steps
+    checkpoint_every: int = 0
     out: str | None = None
     resume: bool = False
     progress: bool = True
@@ -176,9 +181,13 @@ def resolve_config(config: TrainConfig | dict) -> TrainConfig:
         raise ValueError(f"unknown training target {cfg.target!r}; use one of {TARGETS}")
     if cfg.target == "npg" and cfg.base is not None and (cfg.model is None or cfg.dataset is None):
         # an NPG is trained for its base classifier: take what that classifier is unless told
-        base_meta = load_trained(cfg.base).meta
-        cfg.model = cfg.model or base_meta["model_name"]
-        cfg.dataset = cfg.dataset or base_meta["dataset"]
+        try:
+            base_meta = load_trained(cfg.base).meta
+        except (OSError, ValueError):
+            base_meta = None  # reported with the other checks, or when training loads it
+        if base_meta is not None:
+            cfg.model = cfg.model or base_meta["model_name"]
+            cfg.dataset = cfg.dataset or base_meta["dataset"]
     cfg.model = cfg.model or "mnist_cnn"
     spec = model_spec(cfg.model)
     cfg.dataset = canonical_dataset_name(cfg.dataset or spec.dataset)
@@ -205,6 +214,8 @@ def resolve_config(config: TrainConfig | dict) -> TrainConfig:
         raise ValueError(f"lr must be > 0, got {cfg.lr}")
     if cfg.lr_step < 0:
         raise ValueError(f"lr_step must be >= 0 (0: constant), got {cfg.lr_step}")
+    if int(cfg.checkpoint_every) < 0:
+        raise ValueError(f"checkpoint_every must be >= 0 (0: at epoch ends only), got {cfg.checkpoint_every}")
     for name in ("max_train", "max_test"):
         value = getattr(cfg, name)
         if value is not None and int(value) < 1:
@@ -372,7 +383,7 @@ class _Batches:
                  workers: int = 0, limit: int | None = None):
         from torch.utils.data import DataLoader, DistributedSampler, Subset
 
-        self.context, self.batch_size, self.shuffle = context, batch_size, shuffle
+        self.context, self.batch_size, self.shuffle, self.workers = context, batch_size, shuffle, workers
         self.count = len(dataset) if limit is None else min(limit, len(dataset))
         self.images = self.labels = None
         if hasattr(dataset, "images") and isinstance(getattr(dataset, "images"), torch.Tensor):
@@ -412,14 +423,25 @@ class _Batches:
         return math.ceil(per_rank / self.batch_size)
 
     def __iter__(self):
+        return self.batches()
+
+    def batches(self, start: int = 0):
+        """This epoch's batches from batch ``start`` on (a resumed epoch skips those it trained)."""
+        from torch.utils.data import DataLoader
+
         device = self.context.device
         if self.loader is not None:
-            for x, y in self.loader:
+            loader = self.loader
+            if start:
+                remaining = list(iter(loader.sampler))[start * self.batch_size:]
+                loader = DataLoader(loader.dataset, batch_size=self.batch_size, sampler=remaining,
+                                    num_workers=self.workers, pin_memory=device.type == "cuda")
+            for x, y in loader:
                 yield x.to(device, non_blocking=True), y.to(device, non_blocking=True)
             return
         indices = self._indices().to(self.images.device)
-        for start in range(0, len(indices), self.batch_size):
-            idx = indices[start:start + self.batch_size]
+        for begin in range(start * self.batch_size, len(indices), self.batch_size):
+            idx = indices[begin:begin + self.batch_size]
             x = self.images[idx].to(device, non_blocking=True).float().div_(255)
             yield x, self.labels[idx].to(device, non_blocking=True)
 
@@ -701,7 +723,7 @@ class _Run:
         self._build_model_and_noise()
         self._build_optimizer()
         self.rows: list = []
-        self.start_epoch = 1
+        self.start_epoch, self.start_step, self.partial_sums = 1, 0, None
         if cfg.resume and not self.restarted:
             self._resume()
 
@@ -716,7 +738,7 @@ class _Run:
         """Refuse to overwrite a run that saved a checkpoint; resume it with --resume.
 
         A folder with ``config.json`` but no checkpoint is a run killed before
-        its first epoch ended: nothing finished is lost by starting it again, so
+        its first checkpoint: nothing finished is lost by starting it again, so
         a fresh start is allowed, and ``--resume`` starts it from scratch (with
         the saved configuration: a changed one is refused as for any resume).
         """
@@ -740,7 +762,7 @@ class _Run:
             self.restarted = True
         if self.restarted and self.context.is_main and cfg.progress:
             print(f"note: {str(self.out)!r} holds config.json but no checkpoint (a run stopped before its first "
-                  "epoch ended): starting it from scratch", file=sys.stderr)
+                  "checkpoint): starting it from scratch", file=sys.stderr)
         if self.context.is_main:
             self.out.mkdir(parents=True, exist_ok=True)
 
@@ -852,6 +874,9 @@ class _Run:
             self.scheduler.load_state_dict(state["scheduler"])
         _restore_rng(state["rng"])
         self.start_epoch = extra["ucan_train"]["epoch"] + 1
+        partial = state.get("partial")  # saved inside an epoch (--checkpoint-every)
+        if partial is not None:
+            self.start_step, self.partial_sums = partial["step"], partial["sums"]
         self.rows = [r for r in state["metrics"] if r["epoch"] < self.start_epoch]
 
     # -- files ---------------------------------------------------------------------
@@ -886,15 +911,30 @@ class _Run:
             record["command"] = old.get("command", self.command)
         _atomic_write(path, (json.dumps(record, indent=2, sort_keys=False) + "\n").encode())
 
-    def _save(self, epoch: int, final: bool = False) -> None:
-        if not self.context.is_main:
-            return
-        train_state = {
+    def _train_state(self) -> dict:
+        return {
             "optimizer": self.optimizer.state_dict(),
             "scheduler": None if self.scheduler is None else self.scheduler.state_dict(),
             "rng": _rng_states(),
             "metrics": self.rows,
         }
+
+    def _save_partial(self, epoch: int, steps_done: int, sums: torch.Tensor) -> None:
+        """last.pt inside ``epoch`` after ``steps_done`` steps; its ``epoch`` field stays the last
+        finished one, so readers of last.pt see the same as before."""
+        total = sums.clone()
+        self.context.all_reduce_sum(total)  # every rank's running sums, summed: resumed on rank 0
+        if not self.context.is_main:
+            return
+        state = {**self._train_state(), "partial": {"epoch": epoch, "step": steps_done, "sums": total.tolist()}}
+        save_checkpoint(self.out / LAST, self.model, model_name=self.cfg.model, dataset=self.cfg.dataset,
+                        extra=_checkpoint_extra(self.cfg, self.generator, epoch - 1, state, self.context.world_size,
+                                                self.shift))
+
+    def _save(self, epoch: int, final: bool = False) -> None:
+        if not self.context.is_main:
+            return
+        train_state = self._train_state()
         world = self.context.world_size
         save_checkpoint(self.out / LAST, self.model, model_name=self.cfg.model, dataset=self.cfg.dataset,
                         extra=_checkpoint_extra(self.cfg, self.generator, epoch, train_state, world, self.shift))
@@ -933,12 +973,19 @@ class _Run:
         if self.shift is not None:
             self.shift.train()
         self.train_data.set_epoch(epoch)
-        rng = _rng(self.device, cfg.seed, epoch, ctx.rank, 1)
         sums = torch.zeros(4, dtype=torch.float64, device=self.device)  # loss*n, ce*n, correct, n
-        bar = tqdm(total=len(self.train_data), desc=f"epoch {epoch}/{cfg.epochs}", unit="batch", leave=False,
+        first = 0
+        if epoch == self.start_epoch and self.start_step:  # resumed inside this epoch
+            first = self.start_step
+            if ctx.is_main:  # all ranks' sums so far; the epoch-end all-reduce adds them up
+                sums += torch.tensor(self.partial_sums, dtype=torch.float64, device=self.device)
+        steps = len(self.train_data)
+        bar = tqdm(total=steps, initial=first, desc=f"epoch {epoch}/{cfg.epochs}", unit="batch", leave=False,
                    disable=not (ctx.is_main and cfg.progress), dynamic_ncols=True)
         npg = self.trains_generator
-        for step, (x, y) in enumerate(self.train_data):
+        for step, (x, y) in enumerate(self.train_data.batches(first), start=first):
+            # noise seeded per step, so a run resumed at any step draws what it would have drawn
+            rng = _rng(self.device, cfg.seed, epoch, ctx.rank, 1, step)
             if self.shift is not None:
                 logits = self._shifted_logits(x, rng, self.model_ddp, self.shift_ddp)
             else:
@@ -959,9 +1006,11 @@ class _Run:
                                      (logits.argmax(1) == y).sum().double(),
                                      torch.tensor(float(n), dtype=torch.float64, device=self.device)])
             bar.update(1)
-            if ctx.is_main and cfg.progress and (step % 20 == 0 or step == len(self.train_data) - 1):
+            if ctx.is_main and cfg.progress and (step % 20 == 0 or step == steps - 1):
                 s = sums.tolist()
                 bar.set_postfix(loss=f"{s[0] / s[3]:.4f}", acc=f"{s[2] / s[3]:.4f}")
+            if cfg.checkpoint_every and (step + 1) % cfg.checkpoint_every == 0 and step + 1 < steps:
+                self._save_partial(epoch, step + 1, sums)
         bar.close()
         ctx.all_reduce_sum(sums)
         s = sums.tolist()
@@ -1186,6 +1235,9 @@ def configure(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--device", help="cpu, cuda, cuda:1 ... (default: cuda when available)")
     g.add_argument("--threads", type=int, help="CPU threads per process (default: cores / processes)")
     g.add_argument("--workers", type=int, help="DataLoader workers for on-disk image folders (default 0)")
+    g.add_argument("--checkpoint-every", type=int, metavar="STEPS",
+                   help="also save last.pt every STEPS training steps inside an epoch, so an interruption "
+                        "loses at most STEPS steps (default 0: at epoch ends only)")
     g.add_argument("--out", help="run folder (default runs/<target>-<model>-<noise><scale>-<time>)")
     g.add_argument("--resume", action="store_true", default=None,
                    help="continue the run in --out from its last checkpoint (same options; --epochs may grow)")
@@ -1198,7 +1250,8 @@ _NPG_FLAGS = {"p": "p", "kappa": "kappa", "iota": "iota", "centre": "centre", "t
               "latent_dim": "latent_dim", "lipschitz": "lipschitz", "depth": "depth"}
 _PLAIN_FLAGS = ("model", "dataset", "data_root", "max_train", "max_test", "noise", "scale", "npg_checkpoint", "base",
                 "joint", "sigma_weight", "epochs", "batch_size", "optimizer", "lr", "momentum", "weight_decay",
-                "lr_step", "lr_decay", "classifier_lr", "seed", "device", "threads", "workers", "out", "resume")
+                "lr_step", "lr_decay", "classifier_lr", "seed", "device", "threads", "workers", "checkpoint_every",
+                "out", "resume")
 
 
 def config_from_args(args: argparse.Namespace) -> dict:
