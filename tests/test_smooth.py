@@ -260,3 +260,24 @@ def test_generator_on_another_device_or_of_wrong_type():
     _, smooth = linear_setup()
     with pytest.raises(TypeError, match="generator"):
         smooth.predict(X, 100, 0.01, generator="seed")
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_a_half_precision_model_gets_float32_noise(dtype):
+    drawn = []
+
+    class SpyGaussian(Gaussian):
+        def sample(self, shape, **kwargs):
+            noise = super().sample(shape, **kwargs)
+            drawn.append(noise.dtype)
+            return noise
+
+    model = torch.nn.Linear(8, 3).to(dtype)
+    smooth = Smooth(model, 3, SpyGaussian(0.5), input_shape=(8,))
+    certificate = smooth.certify(X, 10, 200, 0.01, batch_size=64, generator=0)
+    assert drawn and set(drawn) == {torch.float32}  # a coarse half-precision grid is not Gaussian noise
+    assert smooth.model(X[None]).dtype == torch.float32
+    with torch.no_grad():  # the model itself still runs in its own precision
+        expected = model(X[None].to(dtype)).float()
+    torch.testing.assert_close(smooth.model(X[None]), expected)
+    assert certificate.prediction in (ABSTAIN, 0, 1, 2)

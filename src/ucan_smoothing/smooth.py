@@ -99,12 +99,27 @@ def _resolve_generator(generator, device: torch.device) -> torch.Generator:
     return made
 
 
+class CastInput(torch.nn.Module):
+    """``model(z.to(dtype))`` as float32 logits: a reduced-precision model as a base classifier of
+    float32 inputs (the rounding of the noisy input is part of the classifier, which keeps the
+    certificate sound)."""
+
+    def __init__(self, model: torch.nn.Module, dtype: torch.dtype):
+        super().__init__()
+        self.model, self.dtype = model, dtype
+
+    def forward(self, z: torch.Tensor) -> torch.Tensor:
+        return self.model(z.to(self.dtype)).float()
+
+
 class Smooth:
     """A smoothed classifier ``g(x) = argmax_c P(model(x + noise) = c)``.
 
     ``noise`` is an isotropic family (:mod:`ucan_smoothing.noises`) or fixed
     anisotropic noise (:class:`ucan_smoothing.Anisotropic`). The model is put
     in eval mode. ``input_shape`` (optional) is checked against every input.
+    Noise is drawn on the model's device, in its dtype, but at least float32:
+    a float16 / bfloat16 model gets float32 noisy inputs cast to its dtype.
     """
 
     def __init__(self, model: torch.nn.Module, num_classes: int, noise, *, input_shape=None):
@@ -117,6 +132,11 @@ class Smooth:
         parameter = next(model.parameters(), None)
         self.device = parameter.device if parameter is not None else None
         self.dtype = parameter.dtype if parameter is not None and parameter.is_floating_point() else None
+        if self.dtype in (torch.float16, torch.bfloat16):
+            # Noise drawn in half precision is a coarse grid, not the distribution the certificate
+            # assumes: draw and add it in float32, and let the base classifier round its input.
+            self.model = CastInput(self.model, self.dtype)
+            self.dtype = torch.float32
 
     # -- input checks ---------------------------------------------------------
     def _prepare(self, xs: torch.Tensor, single: bool) -> torch.Tensor:
