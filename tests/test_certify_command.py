@@ -86,6 +86,21 @@ def test_memory_layout_is_recorded_and_may_change_on_resume(run_dir, tmp_path):
     assert all(abs(x["p_lower"] - y["p_lower"]) < 0.01 for x, y in zip(a, b))
 
 
+def test_mixed_precision_certifies_the_autocast_classifier(run_dir, tmp_path):
+    from ucan_smoothing.attack import load_target
+    from ucan_smoothing.models import Autocast
+
+    plain, amp = tmp_path / "plain.tsv", tmp_path / "amp.tsv"
+    assert main(certify_args(run_dir, plain, "--max", "4")) == 0
+    assert main(certify_args(run_dir, amp, "--max", "4", "--amp", "bf16")) == 0
+    assert read_sidecar(amp)["config"]["amp"] == "bf16" and "amp" not in read_sidecar(plain)["config"]
+    assert main(certify_args(run_dir, amp, "--max", "4")) == 2  # another classifier: not the same file
+    a, b = read_results(plain), read_results(amp)
+    assert sum(x["predict"] == y["predict"] for x, y in zip(a, b)) >= 3  # bf16 rounding, same model
+    target, _ = load_target(run_dir, "cpu", amp="bf16")  # what `ucan attack` rebuilds from the sidecar
+    assert isinstance(target.smooth.model, Autocast)
+
+
 def test_a_larger_max_extends_a_file(run_dir, tmp_path):
     reference, out = tmp_path / "all.tsv", tmp_path / "grown.tsv"
     assert main(certify_args(run_dir, reference)) == 0

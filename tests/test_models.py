@@ -45,6 +45,18 @@ def test_channels_last_keeps_the_outputs(name):
     torch.testing.assert_close(after, before, rtol=1e-4, atol=1e-4)
 
 
+def test_autocast_wrapper_returns_float32_logits_close_to_the_model():
+    model = build_model("mnist_cnn").eval()
+    x = torch.rand(4, 1, 28, 28)
+    wrapped = models.Autocast(model, "bf16")
+    with torch.no_grad():
+        out, reference = wrapped(x), model(x)
+    assert out.dtype == torch.float32 and not torch.equal(out, reference)  # it did run in bfloat16
+    torch.testing.assert_close(out, reference, rtol=0.05, atol=0.05)
+    with pytest.raises(ValueError, match="bf16, fp16"):
+        models.Autocast(model, "int8")
+
+
 def test_resnet50_forward_small_input():
     # Global average pooling makes the net size-agnostic: 64x64 keeps the test fast.
     model = build_model("resnet50").eval()

@@ -376,7 +376,7 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
 
 
-def load_target(run, device, channels_last: bool = False):
+def load_target(run, device, channels_last: bool = False, amp: str | None = None):
     """The smoothed classifier a run was certified with (:meth:`TrainedRun.smoothed`): fixed noise,
     a sound shift mode, or paper mode for an input-dependent generator (the only way `ucan certify`
     certifies such a run)."""
@@ -384,7 +384,7 @@ def load_target(run, device, channels_last: bool = False):
 
     trained = load_trained(run)
     return as_target(trained.smoothed(device, paper_mode=trained.input_dependent,
-                                      channels_last=channels_last)), trained
+                                      channels_last=channels_last, amp=amp)), trained
 
 
 def run(args) -> int:
@@ -404,7 +404,8 @@ def run(args) -> int:
     split = args.split or config.get("split", "test")
     data_root = args.data_root if args.data_root is not None else config.get("data_root")
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    target, trained = load_target(run_path, device, channels_last=args.channels_last)
+    # the classifier the file certified: mixed precision too, if it used it
+    target, trained = load_target(run_path, device, channels_last=args.channels_last, amp=config.get("amp"))
     norm = target.primary_norm if args.norm is None else parse_norm(args.norm)
     alpha_certify = float(config.get("alpha", rows[0]["alpha"] if rows and "alpha" in rows[0] else 0.001))
     data = load_dataset(dataset, split, data_root)

@@ -63,6 +63,8 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=True,
                         help="store the classifier's conv weights channels-last: same outputs up to rounding, "
                              "faster convolutions (default: on)")
+    parser.add_argument("--amp", choices=("bf16", "fp16"), default=None,
+                        help="run the classifier in mixed precision (for GPUs); certifies that classifier")
     parser.add_argument("--radius", type=float, default=None,
                         help="sequential mode: only decide whether each image is certified at this radius")
     parser.add_argument("--norm", default=None, help="norm of --radius (default: the noise's native norm)")
@@ -143,7 +145,8 @@ def _certify(args, context) -> int:
     dataset_name = args.dataset or trained.meta["dataset"]
     paper_mode = _check_paper_mode(trained, args)
     noise = trained.base_noise if paper_mode else trained.noise()
-    smooth = trained.smoothed(context.device, paper_mode=paper_mode, channels_last=args.channels_last)
+    smooth = trained.smoothed(context.device, paper_mode=paper_mode, channels_last=args.channels_last,
+                              amp=args.amp)
     is_certificate = noise.is_certificate and not paper_mode
     sequential = args.radius is not None
     if sequential:
@@ -166,6 +169,8 @@ def _certify(args, context) -> int:
         "out": str(args.out), "progress": args.progress, "device": str(context.device),
         "channels_last": args.channels_last,
     }
+    if args.amp:  # only when set, so files of float32 runs keep their config
+        config["amp"] = args.amp
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     target = shard_path(out, context.rank, context.world_size) if context.distributed else out

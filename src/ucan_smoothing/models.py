@@ -255,6 +255,32 @@ def to_channels_last(model: nn.Module) -> nn.Module:
     return model.to(memory_format=torch.channels_last)
 
 
+AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+class Autocast(nn.Module):
+    """``model`` run under ``torch.autocast`` (mixed precision), returning float32 logits.
+
+    Meant for GPUs, where half-precision convolutions use the tensor cores.
+    The noisy input stays float32 and the rounding happens inside, so the
+    autocast model is simply another deterministic base classifier and the
+    certificates stay sound; they certify THIS classifier, whose votes can
+    differ slightly from the float32 model's.
+    """
+
+    def __init__(self, model: nn.Module, dtype: str | torch.dtype = "bf16"):
+        super().__init__()
+        if isinstance(dtype, str):
+            if dtype not in AMP_DTYPES:
+                raise ValueError(f"unknown mixed-precision type {dtype!r}; use one of {', '.join(AMP_DTYPES)}")
+            dtype = AMP_DTYPES[dtype]
+        self.model, self.dtype = model, dtype
+
+    def forward(self, z: torch.Tensor) -> torch.Tensor:
+        with torch.autocast(z.device.type, dtype=self.dtype):
+            return self.model(z).float()
+
+
 def _init_weights(model: nn.Module) -> None:
     # He initialisation for convs, unit BN: the usual ResNet start.
     for m in model.modules():

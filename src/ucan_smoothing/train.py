@@ -68,7 +68,7 @@ from .fileio import atomic_open
 from .data import DATASETS, canonical_dataset_name, load_dataset
 from .distributed import DistContext, cleanup, init_distributed
 from .generators import GENERATORS, NoiseGenerator, generator_from_config, make_generator, sigma_stats
-from .models import build_model, load_checkpoint, model_spec, save_checkpoint, to_channels_last
+from .models import Autocast, build_model, load_checkpoint, model_spec, save_checkpoint, to_channels_last
 from .noises import FAMILIES, Noise, make_noise
 from .norms import parse_norm
 from .smooth import Smooth
@@ -574,10 +574,11 @@ class TrainedRun:
         return self.generator is not None and self.generator.input_dependent
 
     def smoothed(self, device=None, *, paper_mode: bool = False, sigma_min: float = 1e-6,
-                 channels_last: bool = False):
+                 channels_last: bool = False, amp: str | None = None):
         """The smoothed classifier to certify, on ``device`` (default: where the model is),
         with the classifier's weights stored channels-last if asked (faster convolutions,
-        see :func:`~ucan_smoothing.models.to_channels_last`):
+        see :func:`~ucan_smoothing.models.to_channels_last`) and run in mixed precision
+        with ``amp`` ("bf16" or "fp16", :class:`~ucan_smoothing.models.Autocast`):
 
         * plain or fixed-NPG runs: ``Smooth(model, num_classes, noise())``;
         * ``noisy_shift``: ``Smooth(NoisyInputShift(model, mu), ...)`` under the fixed noise;
@@ -595,6 +596,8 @@ class TrainedRun:
         model = self.model if device is None else self.model.to(device)
         if channels_last:
             model = to_channels_last(model)
+        if amp is not None:
+            model = Autocast(model, amp)
         if paper_mode:
             generator = self.generator if device is None else self.generator.to(device)
             return PaperModeSmooth(model, self.num_classes, self.base_noise, generator,
