@@ -10,7 +10,8 @@ Measured in one run, on the same model, input, batch size and device:
    drawn per batch, predictions moved to the host and counted in NumPy);
 4. IBM ART's ``PyTorchRandomizedSmoothing.certify`` when the optional package
    ``adversarial-robustness-toolbox`` is installed, on both models;
-5. the NPG overhead: certify with a universal generator evaluated for each
+5. with ``--amp``, the channels-last model under autocast (for GPUs);
+6. the NPG overhead: certify with a universal generator evaluated for each
    image, against the same noise with sigma computed beforehand.
 
 Timings alternate between methods over several rounds and report the median,
@@ -33,7 +34,7 @@ import numpy as np
 import torch
 
 from .generators import UniversalGenerator
-from .models import build_model, model_spec, to_channels_last
+from .models import Autocast, build_model, model_spec, to_channels_last
 from .noises import Gaussian
 from .smooth import Smooth
 
@@ -49,6 +50,8 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
     parser.add_argument("--memory", type=int, nargs="*", default=[10_000, 100_000],
                         help="values of n whose peak memory is measured (empty: skip)")
+    parser.add_argument("--amp", choices=("bf16", "fp16"), default=None,
+                        help="also measure the channels-last model under autocast (as `ucan certify --amp`)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--json", default=None, help="also write the results to this JSON file")
     parser.add_argument("--memory-child", type=int, default=None, help=argparse.SUPPRESS)
@@ -181,6 +184,10 @@ def run(args) -> int:
 
     methods["certify, fixed sigma"] = (certify(model, npg.to_noise(noise)), samples, given)
     methods["certify + NPG"] = (certify_with_npg, samples, given)
+    if args.amp:
+        amp_model, amp = Autocast(fast_model, args.amp), f"raw forward, channels-last + {args.amp}"
+        methods[amp] = (raw_forward(amp_model), batches * args.batch_size, amp)
+        methods[f"certify, channels-last + {args.amp}"] = (certify(amp_model), samples, amp)
     art = _art_certify(model, spec, x, args)
     if art is not None:
         methods["ART certify"] = (art, samples, given)
@@ -196,9 +203,10 @@ def run(args) -> int:
 
     print(f"model {args.model}, batch {args.batch_size}, n0 {args.n0} + n {args.n}, device {args.device}, "
           f"{torch.get_num_threads()} threads, {platform.processor() or platform.machine()}")
-    print(f"{'method':<27}{'samples/s':>12}{'ratio to its raw forward':>26}")
+    width = max(len(name) for name in throughput) + 2
+    print(f"{'method':<{width}}{'samples/s':>12}{'ratio to its raw forward':>26}")
     for name, value in throughput.items():
-        print(f"{name:<27}{value:>12.0f}{value / throughput[methods[name][2]]:>26.3f}")
+        print(f"{name:<{width}}{value:>12.0f}{value / throughput[methods[name][2]]:>26.3f}")
     overhead = throughput["certify, fixed sigma"] / throughput["certify + NPG"] - 1
     print(f"NPG overhead (universal generator per image vs fixed sigma): {100 * overhead:+.2f}%")
     if art is None:
