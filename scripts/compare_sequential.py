@@ -1,0 +1,67 @@
+"""Compare sequential certification (`ucan certify --radius r`) with fixed-n CERTIFY runs.
+
+    python scripts/compare_sequential.py SEQUENTIAL.tsv FIXED.tsv [FIXED.tsv ...]
+
+On the images that every file holds (matched by index), prints a Markdown
+table: certified accuracy at the sequential file's radius and norm (correct
+and certified at that radius), the images whose decision differs, and the
+model calls per image (mean and median for the sequential file, n0 + n for
+a fixed run) with the ratio to each fixed run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+from pathlib import Path
+
+from ucan_smoothing.results import read_results, read_sidecar
+
+
+def parse_args():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("sequential", help="result file of `ucan certify --radius r`")
+    parser.add_argument("fixed", nargs="+", help="result files of fixed-n `ucan certify` on the same run")
+    return parser.parse_args()
+
+
+def certified(row: dict, column: str, radius: float) -> bool:
+    return bool(row["correct"]) and row["predict"] != -1 and row[column] >= radius
+
+
+def main() -> int:
+    args = parse_args()
+    config = read_sidecar(args.sequential)["config"]
+    if config.get("radius") is None:
+        raise SystemExit(f"{args.sequential} is not a sequential run (its config has no radius)")
+    radius, column = config["radius"], f"radius_{config['norm']}"
+    tables = {path: {row["idx"]: row for row in read_results(path)} for path in [args.sequential, *args.fixed]}
+    common = sorted(set.intersection(*(set(rows) for rows in tables.values())))
+    if not common:
+        raise SystemExit("the files share no image")
+    sequential = tables[args.sequential]
+    decisions = [certified(sequential[i], column, radius) for i in common]
+    calls = [sequential[i]["samples_used"] for i in common]
+    mean_calls = statistics.mean(calls)
+
+    print(f"{len(common)} common images; radius {radius:g} in {config['norm']}; "
+          f"sequential: {Path(args.sequential).name}\n")
+    print("| run | model calls per image | certified accuracy | decisions that differ from sequential |")
+    print("|---|---|---|---|")
+    print(f"| sequential ({config['mode']}) | mean {mean_calls:,.0f}, median {statistics.median(calls):,.0f}, "
+          f"max {max(calls):,} | {100 * sum(decisions) / len(common):.1f}% | - |")
+    for path in args.fixed:
+        rows = tables[path]
+        fixed_config = read_sidecar(path)["config"]
+        per_image = fixed_config["n0"] + fixed_config["n"]
+        fixed_decisions = [certified(rows[i], column, radius) for i in common]
+        differ = [i for i, a, b in zip(common, decisions, fixed_decisions) if a != b]
+        print(f"| fixed n = {fixed_config['n']:,} ({Path(path).name}) | {per_image:,} "
+              f"({per_image / mean_calls:.0f}x the sequential mean) | "
+              f"{100 * sum(fixed_decisions) / len(common):.1f}% | {len(differ)} {differ[:10] if differ else ''} |")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
