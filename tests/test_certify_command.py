@@ -6,6 +6,7 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 
@@ -121,6 +122,17 @@ def test_sequential_mode_writes_its_decision(run_dir, tmp_path):
         if row["radius_l2"] >= 0.25:  # certified at the asked radius
             assert row["predict"] != -1
     assert any(row["samples_used"] < 32 + 2000 for row in rows), "no image stopped early"
+    # scripts/compare_sequential.py sets the decisions beside a fixed-n run of the same images
+    fixed = tmp_path / "fixed.tsv"
+    assert main(certify_args(run_dir, fixed, "--n", "2000")) == 0
+    script = Path(__file__).resolve().parents[1] / "scripts" / "compare_sequential.py"
+    report = subprocess.run([sys.executable, str(script), str(out), str(fixed)], check=True, capture_output=True,
+                            text=True).stdout
+    fixed_rows = read_results(fixed)
+    accuracy = sum(r["correct"] and r["radius_l2"] >= 0.25 for r in fixed_rows) / len(fixed_rows)
+    mean_calls = sum(row["samples_used"] for row in rows) / len(rows)
+    assert "8 common images; radius 0.25 in l2" in report
+    assert f"| {100 * accuracy:.1f}% |" in report and f"mean {mean_calls:,.0f}" in report
 
 
 def test_two_processes_merge_into_the_single_process_file(run_dir, tmp_path):
