@@ -360,6 +360,7 @@ def plot_certified_accuracy(results_by_label, path, radii=None, cohen_norm: str 
     radii = resolve_radii(radii)
     fig, axes = plt.subplots(2, 2, figsize=(12, 9))
     colours = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    legend = {}  # label -> line: one legend for all panels, below them, so it hides no curve
     for ax, norm in zip(axes.flat, (*NORMS, "alm")):
         largest = max([radii[norm][-1]] + [float(v.max()) for m in methods if (v := m.radii(norm)) is not None])
         grid = np.unique(np.concatenate([np.linspace(0, largest * 1.05 or 1.0, 600), radii[norm]]))
@@ -370,8 +371,9 @@ def plot_certified_accuracy(results_by_label, path, radii=None, cohen_norm: str 
                 continue
             dashed = method.is_certificate is False
             label = method.label + (f": {NOT_CERTIFICATE}" if dashed else "")
-            ax.plot(grid, curve, linestyle="--" if dashed else "-", color=colours[i % len(colours)],
-                    label=label, linewidth=1.8)
+            (line,) = ax.plot(grid, curve, linestyle="--" if dashed else "-", color=colours[i % len(colours)],
+                              label=label, linewidth=1.8)
+            legend.setdefault(label, line)
             drawn += 1
         if norm == "alm":
             ax.set_title("ALM: volume-equivalent radius, NOT a certified radius\n"
@@ -385,12 +387,12 @@ def plot_certified_accuracy(results_by_label, path, radii=None, cohen_norm: str 
         ax.set_ylim(0, 1.02)
         ax.set_xlim(left=0)
         ax.grid(alpha=0.3)
-        if drawn:
-            ax.legend(fontsize=8, loc="upper right")
-        else:
+        if not drawn:
             ax.text(0.5, 0.5, "no method reports this norm", ha="center", va="center", transform=ax.transAxes)
+    rows = -(-len(legend) // 2)
+    fig.legend(list(legend.values()), list(legend), loc="lower center", ncol=2, fontsize=9, frameon=False)
     fig.suptitle("Certified accuracy against radius (dashed: not a certificate)", fontsize=13)
-    fig.tight_layout()
+    fig.tight_layout(rect=(0, min(0.3, 0.025 * rows + 0.01), 1, 1))
     path = Path(path)
     fig.savefig(path, dpi=100)
     plt.close(fig)
