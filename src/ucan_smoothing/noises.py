@@ -20,7 +20,14 @@ are sound for these reasons:
   ``(p - 1/2) / L`` where every class probability of the smoothed classifier
   is ``L``-Lipschitz (total-variation / Yang et al. 2020 differential
   method), so ``(p - q) / (2 L)`` is certified too; for uniform l_inf the
-  overlap of the two cubes bounds the total variation the same way.
+  overlap of the two cubes bounds the total variation the same way. The
+  total variation between the noise and its shift by ``delta`` is at most
+  ``L ||delta||_1`` with: uniform ``TV = 1 - prod(1 - |delta_i| / (2 lambda))``,
+  so ``L = 1 / (2 lambda)``; exp-l_inf ``L = 1 / (2 d lambda)``, since the
+  integral of ``|d f / d z_i|`` is ``1 / (d lambda)`` by symmetry over the
+  coordinate that attains the max; power-law ``L = (a - d) / (2 d lambda)``,
+  since that integral is ``(a - d) / (d lambda)`` (a Beta-function ratio
+  over the l_inf radius).
 
 All radii are 0 unless ``p > 1/2``.
 """
