@@ -11,7 +11,6 @@ import os
 import re
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -489,7 +488,6 @@ def test_torchrun_two_processes_on_cpu(data_root, tmp_path):
            "--max-test", "64", "--epochs", "2", "--batch-size", "64", "--device", "cpu", "--no-progress",
            "--checkpoint-every", "2",  # the mid-epoch save gathers every rank's sums
            "--out", str(out)]
-    start = time.time()
     result = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=180)
     assert result.returncode == 0, result.stderr[-3000:]
     checksums = re.findall(r"rank (\d)/2: parameter checksum ([-+]?\d\.\d{12}e[-+]\d+)", result.stderr)
@@ -502,7 +500,6 @@ def test_torchrun_two_processes_on_cpu(data_root, tmp_path):
     # 256 images, two processes of 32 images per step: 4 steps each; both halves counted
     assert rows[0]["train_samples_per_s"] > 0
     assert load_trained(out).meta["extra"]["ucan_train"]["epoch"] == 2
-    assert time.time() - start < 120
 
 
 # --------------------------------------------------------------------------- real MNIST
