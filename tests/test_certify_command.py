@@ -102,6 +102,21 @@ def test_mixed_precision_certifies_the_autocast_classifier(run_dir, tmp_path):
     assert isinstance(target.smooth.model, Autocast)
 
 
+def test_the_seed_changes_the_noise_of_every_image():
+    import torch
+    from ucan_smoothing.certify_command import image_generator
+
+    cpu = torch.device("cpu")
+
+    def noise(seed, idx):
+        return torch.randn(4, generator=image_generator(seed, idx, cpu))
+
+    assert not torch.equal(noise(0, 5), noise(7, 5))  # a 64-bit seed lost its high half on the CPU
+    assert not torch.equal(noise(0, 5), noise(0, 6))
+    assert torch.equal(noise(3, 5), noise(3, 5))
+    assert torch.equal(noise(0, 5), torch.randn(4, generator=torch.Generator().manual_seed(5)))  # seed 0: as before
+
+
 def test_a_larger_max_extends_a_file(run_dir, tmp_path):
     reference, out = tmp_path / "all.tsv", tmp_path / "grown.tsv"
     assert main(certify_args(run_dir, reference)) == 0
