@@ -160,6 +160,8 @@ def test_resume_inside_an_epoch_gives_the_uninterrupted_run(data_root, tmp_path,
     with pytest.raises(_Crash):
         train_classifier(out=str(tmp_path / "crashed"), checkpoint_every=1, **common)
     assert saved == [(1, 1), (1, 2), (1, 3), None, (2, 1), (2, 2), (2, 3)]  # None: the end of epoch 1
+    with pytest.warns(UserWarning, match="inside epoch 2 \\(after step 3\\)"):
+        load_trained(tmp_path / "crashed")  # last.pt of an unfinished run, saved mid-epoch
     monkeypatch.setattr(train_module, "save_checkpoint", real_save)
     resumed = train_classifier(out=str(tmp_path / "crashed"), resume=True, checkpoint_every=0, **common)
     _assert_same_weights(Path(straight) / "final.pt", Path(resumed) / "final.pt")

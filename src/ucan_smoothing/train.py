@@ -52,6 +52,7 @@ import random
 import shlex
 import sys
 import time
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -671,6 +672,10 @@ def load_trained(path: str | os.PathLike, expected_model: str | None = None, exp
         expected_dataset = canonical_dataset_name(expected_dataset)
     model, meta = load_checkpoint(path, expected_model_name=expected_model, expected_dataset=expected_dataset)
     extra = meta["extra"]
+    inside = extra.get("ucan_train", {}).get("inside_epoch")
+    if inside is not None:
+        warnings.warn(f"{str(path)!r} was saved inside epoch {inside['epoch']} (after step {inside['step']}) of an "
+                      "unfinished run: its weights are not those of a finished epoch")
     saved_noise = extra.get("noise")
     if not saved_noise:
         raise ValueError(f"checkpoint {str(path)!r} does not record its training noise (not written by `ucan train`)")
@@ -930,9 +935,10 @@ class _Run:
         if not self.context.is_main:
             return
         state = {**self._train_state(), "partial": {"epoch": epoch, "step": steps_done, "sums": total.tolist()}}
+        extra = _checkpoint_extra(self.cfg, self.generator, epoch - 1, state, self.context.world_size, self.shift)
+        extra["ucan_train"]["inside_epoch"] = {"epoch": epoch, "step": steps_done}  # weights from mid-epoch
         save_checkpoint(self.out / LAST, self.model, model_name=self.cfg.model, dataset=self.cfg.dataset,
-                        extra=_checkpoint_extra(self.cfg, self.generator, epoch - 1, state, self.context.world_size,
-                                                self.shift))
+                        extra=extra)
 
     def _save(self, epoch: int, final: bool = False) -> None:
         if not self.context.is_main:
@@ -977,9 +983,10 @@ class _Run:
             self.shift.train()
         self.train_data.set_epoch(epoch)
         sums = torch.zeros(4, dtype=torch.float64, device=self.device)  # loss*n, ce*n, correct, n
-        first = 0
+        first, earlier = 0, 0.0
         if epoch == self.start_epoch and self.start_step:  # resumed inside this epoch
             first = self.start_step
+            earlier = float(self.partial_sums[3])  # samples trained before the interruption
             if ctx.is_main:  # all ranks' sums so far; the epoch-end all-reduce adds them up
                 sums += torch.tensor(self.partial_sums, dtype=torch.float64, device=self.device)
         steps = len(self.train_data)
@@ -1017,7 +1024,9 @@ class _Run:
         bar.close()
         ctx.all_reduce_sum(sums)
         s = sums.tolist()
-        return {"train_loss": s[0] / s[3], "train_ce": s[1] / s[3], "train_acc": s[2] / s[3], "samples": s[3]}
+        # "samples": those trained in this call, for the throughput column of a resumed epoch
+        return {"train_loss": s[0] / s[3], "train_ce": s[1] / s[3], "train_acc": s[2] / s[3],
+                "samples": s[3] - earlier}
 
     @torch.no_grad()
     def _evaluate(self) -> dict:
