@@ -2,7 +2,8 @@
 
     python scripts/compare_sequential.py SEQUENTIAL.tsv FIXED.tsv [FIXED.tsv ...]
 
-On the images that every file holds (matched by index), prints a Markdown
+The files must certify the same checkpoint with the same noise, data and
+alpha. On the images that every file holds (matched by index), prints a Markdown
 table: certified accuracy at the sequential file's radius and norm (correct
 and certified at that radius), the images whose decision differs, and the
 model calls per image (mean and median for the sequential file, n0 + n for
@@ -17,6 +18,9 @@ import sys
 from pathlib import Path
 
 from ucan_smoothing.results import read_results, read_sidecar
+
+
+SAME_KEYS = ("checkpoint_sha256", "noise", "npg", "dataset", "split", "alpha")
 
 
 def parse_args():
@@ -36,6 +40,11 @@ def main() -> int:
     if config.get("radius") is None:
         raise SystemExit(f"{args.sequential} is not a sequential run (its config has no radius)")
     radius, column = config["radius"], f"radius_{config['norm']}"
+    for path in args.fixed:  # the same classifier, noise, data and level, or the comparison means nothing
+        other = read_sidecar(path)["config"]
+        differing = [key for key in SAME_KEYS if other.get(key) != config.get(key)]
+        if differing:
+            raise SystemExit(f"{path} and {args.sequential} differ in {', '.join(differing)}")
     tables = {path: {row["idx"]: row for row in read_results(path)} for path in [args.sequential, *args.fixed]}
     common = sorted(set.intersection(*(set(rows) for rows in tables.values())))
     if not common:

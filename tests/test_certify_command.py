@@ -148,6 +148,10 @@ def test_sequential_mode_writes_its_decision(run_dir, tmp_path):
     mean_calls = sum(row["samples_used"] for row in rows) / len(rows)
     assert "8 common images; radius 0.25 in l2" in report
     assert f"| {100 * accuracy:.1f}% |" in report and f"mean {mean_calls:,.0f}" in report
+    other = tmp_path / "other_alpha.tsv"
+    assert main(certify_args(run_dir, other, "--n", "2000", "--alpha", "0.01")) == 0
+    refused = subprocess.run([sys.executable, str(script), str(out), str(other)], capture_output=True, text=True)
+    assert refused.returncode != 0 and "differ in alpha" in refused.stderr
 
 
 def test_two_processes_merge_into_the_single_process_file(run_dir, tmp_path):
