@@ -170,6 +170,18 @@ def test_resume_inside_an_epoch_gives_the_uninterrupted_run(data_root, tmp_path,
         resolve_config({"checkpoint_every": -1})
 
 
+def test_resuming_a_checkpoint_of_the_older_noise_seeding_warns(data_root, tmp_path, capsys):
+    common = dict(data_root=data_root, max_train=128, max_test=32, seed=6, **FAST)
+    out = train_classifier(epochs=1, out=str(tmp_path / "old"), **common)
+    payload = torch.load(Path(out) / "last.pt", map_location="cpu", weights_only=True)
+    del payload["extra"]["ucan_train"]["noise_seeding"]  # what the per-epoch seeding code wrote
+    torch.save(payload, Path(out) / "last.pt")
+    train_classifier(epochs=2, out=out, resume=True, **common)
+    assert "seeded the training noise per epoch" in capsys.readouterr().err
+    train_classifier(epochs=3, out=out, resume=True, **common)  # its own last.pt: no warning
+    assert "seeded the training noise" not in capsys.readouterr().err
+
+
 def _without_timing(row: dict) -> dict:
     return {k: v for k, v in row.items() if k not in ("epoch_time_s", "train_samples_per_s")}
 

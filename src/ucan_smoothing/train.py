@@ -83,6 +83,7 @@ RESUMABLE_CHANGES = ("epochs", "device", "threads", "workers", "data_root", "out
 METRIC_FIELDS = ["epoch", "lr", "train_loss", "train_ce", "train_acc", "test_acc_noisy", "test_acc_clean",
                  "epoch_time_s", "train_samples_per_s", "sigma_mean", "sigma_min", "sigma_max", "sigma_geomean"]
 LAST, FINAL = "last.pt", "final.pt"
+NOISE_SEEDING = "per-step"  # training noise seeded by (seed, epoch, rank, step); older checkpoints: per epoch
 
 
 # --------------------------------------------------------------------------- configuration
@@ -527,7 +528,8 @@ def _restore_rng(states: dict) -> None:
 def _checkpoint_extra(cfg: TrainConfig, generator: NoiseGenerator | None, epoch: int,
                       train_state: dict | None, world_size: int = 1, shift: nn.Module | None = None) -> dict:
     extra = {
-        "ucan_train": {"target": cfg.target, "epoch": epoch, "epochs": cfg.epochs, "world_size": world_size},
+        "ucan_train": {"target": cfg.target, "epoch": epoch, "epochs": cfg.epochs, "world_size": world_size,
+                       "noise_seeding": NOISE_SEEDING},
         "noise": _describe_noise(cfg),
         "npg": None if generator is None else generator.describe(),
         "npg_state": None if generator is None else {k: v.detach().cpu() for k, v in generator.state_dict().items()},
@@ -867,6 +869,9 @@ class _Run:
             print(f"warning: {str(self.out)!r} ran with {saved_world} process(es), resumed with "
                   f"{self.context.world_size}: the data split and noise streams change, so the result will not be "
                   "bit-identical to an uninterrupted run", file=sys.stderr)
+        if extra["ucan_train"].get("noise_seeding") != NOISE_SEEDING and self.context.is_main:
+            print(f"warning: {str(path)!r} was written by an older version that seeded the training noise per "
+                  "epoch: the resumed run is valid but not bit-identical to an uninterrupted one", file=sys.stderr)
         if extra["ucan_train"]["epoch"] >= self.cfg.epochs:
             raise ValueError(f"{str(self.out)!r} already finished {extra['ucan_train']['epoch']} epochs; "
                              f"raise --epochs to train further")
