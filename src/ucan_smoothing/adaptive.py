@@ -54,7 +54,7 @@ from scipy import optimize, stats
 from torch import nn
 
 from .anisotropic import Anisotropic
-from .generators import ConvGenerator
+from .generators import ConvGenerator, build_by_kind, load_saved_weights
 from .noises import Gaussian, Noise
 from .norms import parse_norm
 from .regions import CertifiedRegion, Scaling
@@ -425,13 +425,7 @@ SHIFTS = {cls.kind: cls for cls in (NoisyShiftNet, LipschitzShiftNet)}
 
 def make_shift(kind: str, input_shape, **params) -> nn.Module:
     """Build a fresh shift network by kind: ``make_shift('lipschitz_shift', (1, 28, 28), lipschitz=0.5)``."""
-    key = str(kind).strip().lower().replace("-", "_")
-    if key not in SHIFTS:
-        raise ValueError(f"unknown shift kind {kind!r}; known: {', '.join(SHIFTS)}")
-    try:
-        return SHIFTS[key](input_shape, **params)
-    except TypeError as err:
-        raise ValueError(f"bad parameters for the {key} shift: {err}") from None
+    return build_by_kind(SHIFTS, "shift", kind, input_shape, **params)
 
 
 def shift_from_config(config: dict, state_dict: dict | None = None) -> nn.Module:
@@ -440,12 +434,7 @@ def shift_from_config(config: dict, state_dict: dict | None = None) -> nn.Module
         raise ValueError(f"a shift config is a dict with 'kind' and 'input_shape', got {config!r}")
     params = {k: v for k, v in config.items() if k not in ("kind", "input_shape")}
     shift = make_shift(config["kind"], config["input_shape"], **params)
-    if state_dict is not None:
-        try:
-            shift.load_state_dict(state_dict, strict=True)
-        except RuntimeError as err:
-            raise ValueError(f"the saved weights do not fit the {config['kind']} shift: {err}") from err
-    return shift.eval()
+    return load_saved_weights(shift, state_dict, config["kind"], "shift").eval()
 
 
 def shift_smoothed(model: nn.Module, num_classes: int, noise, shift: nn.Module, *, input_shape=None):

@@ -428,15 +428,31 @@ GENERATORS: dict[str, type[NoiseGenerator]] = {
 }
 
 
+def build_by_kind(registry: dict, what: str, kind: str, input_shape, **params) -> nn.Module:
+    """``registry[kind](input_shape, **params)`` (kind case-insensitive, ``-`` for ``_``), with a clear
+    ``ValueError`` for an unknown kind or bad parameters; ``what`` names the family in messages."""
+    key = str(kind).strip().lower().replace("-", "_")
+    if key not in registry:
+        raise ValueError(f"unknown {what} kind {kind!r}; known: {', '.join(registry)}")
+    try:
+        return registry[key](input_shape, **params)
+    except TypeError as err:
+        raise ValueError(f"bad parameters for the {key} {what}: {err}") from None
+
+
+def load_saved_weights(module: nn.Module, state_dict: dict | None, kind: str, what: str) -> nn.Module:
+    """``module`` with ``state_dict`` loaded strictly (if given); weights of another shape: ``ValueError``."""
+    if state_dict is not None:
+        try:
+            module.load_state_dict(state_dict, strict=True)
+        except RuntimeError as err:
+            raise ValueError(f"the saved weights do not fit the {kind} {what}: {err}") from err
+    return module
+
+
 def make_generator(kind: str, input_shape, **params) -> NoiseGenerator:
     """Build an NPG by kind: ``make_generator('pattern', (1, 28, 28), p=1, kappa=0.1)``."""
-    key = str(kind).strip().lower().replace("-", "_")
-    if key not in GENERATORS:
-        raise ValueError(f"unknown generator kind {kind!r}; known: {', '.join(GENERATORS)}")
-    try:
-        return GENERATORS[key](input_shape, **params)
-    except TypeError as err:
-        raise ValueError(f"bad parameters for the {key} generator: {err}") from None
+    return build_by_kind(GENERATORS, "generator", kind, input_shape, **params)
 
 
 def generator_from_config(config: dict, state_dict: dict | None = None) -> NoiseGenerator:
@@ -447,9 +463,4 @@ def generator_from_config(config: dict, state_dict: dict | None = None) -> Noise
     if "input_shape" not in config:
         raise ValueError("the generator config has no 'input_shape'")
     generator = make_generator(config["kind"], config["input_shape"], **params)
-    if state_dict is not None:
-        try:
-            generator.load_state_dict(state_dict, strict=True)
-        except RuntimeError as err:
-            raise ValueError(f"the saved weights do not fit the {config['kind']} generator: {err}") from err
-    return generator
+    return load_saved_weights(generator, state_dict, config["kind"], "generator")
