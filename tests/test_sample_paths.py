@@ -148,16 +148,21 @@ def test_cifar10_folder_reads_back_as_the_foolbox_samples(cifar):
     assert len(train) == 20 and torch.equal(train.images, samples.images)
 
 
+def train_and_certify_samples(model, dataset, root, run, labels, images: str, batch: str) -> list:
+    """``ucan train classifier`` on the first ``images`` images, then certify the first foolbox samples."""
+    assert main(train_args("classifier", model, dataset, root, run,
+                           "--max-train", images, "--max-test", images, "--batch-size", batch)) == 0
+    assert (run / "final.pt").is_file() and (run / "metrics.csv").is_file()
+    rows = certify(run, run.parent / f"{model}_foolbox.tsv", "--split", "foolbox", *CERTIFY)
+    assert [row["idx"] for row in rows] == [0, 1, 2]
+    check_rows(rows, labels)
+    return rows
+
+
 def test_cifar10_resnet20_train_certify_and_pattern_npg(cifar, tmp_path):
     root, _, labels = cifar
     run = tmp_path / "resnet20"
-    assert main(train_args("classifier", "resnet20", "cifar10", root, run,
-                           "--max-train", "20", "--max-test", "20", "--batch-size", "10")) == 0
-    assert (run / "final.pt").is_file() and (run / "metrics.csv").is_file()
-
-    rows = certify(run, tmp_path / "foolbox.tsv", "--split", "foolbox", *CERTIFY)
-    assert [row["idx"] for row in rows] == [0, 1, 2]
-    check_rows(rows, labels)
+    rows = train_and_certify_samples("resnet20", "cifar10", root, run, labels, "20", "10")
     # The same images read from the on-disk test split give the same rows (noise is seeded per image).
     rows_disk = certify(run, tmp_path / "disk.tsv", "--split", "test", "--data-root", str(root), *CERTIFY)
     assert without_time(rows_disk) == without_time(rows)
@@ -196,12 +201,7 @@ def test_imagenet_folder_reads_back_as_the_foolbox_samples(imagenet):
 def test_imagenet_resnet50_train_and_certify(imagenet, tmp_path):
     root, labels = imagenet
     run = tmp_path / "resnet50"
-    assert main(train_args("classifier", "resnet50", "imagenet", root, run,
-                           "--max-train", "4", "--max-test", "4", "--batch-size", "2")) == 0
-    assert (run / "final.pt").is_file() and (run / "metrics.csv").is_file()
-    rows = certify(run, tmp_path / "foolbox.tsv", "--split", "foolbox", *CERTIFY)
-    assert [row["idx"] for row in rows] == [0, 1, 2]
-    check_rows(rows, labels)
+    train_and_certify_samples("resnet50", "imagenet", root, run, labels, "4", "2")
     # and from the on-disk val/ tree (ImageFolder order: by class), one image, few samples
     val = data.load_dataset("imagenet", "test", root)
     rows = certify(run, tmp_path / "disk.tsv", "--split", "test", "--data-root", str(root), "--n0", "4", "--n", "10",
