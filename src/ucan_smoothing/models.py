@@ -322,13 +322,13 @@ def load_state_dict_file(module: nn.Module, path: str | os.PathLike) -> nn.Modul
     return module
 
 
-def _torch_load(path: str | os.PathLike):
+def _torch_load(path: str | os.PathLike, mmap: bool = False):
     path = os.fspath(path)
     if not os.path.isfile(path):
         raise FileNotFoundError(f"no such file: {path!r}")
     try:
         # weights_only: never run pickled code from a file we are handed.
-        return torch.load(path, map_location="cpu", weights_only=True)
+        return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
     except Exception as err:  # torch raises several types for corrupt files
         raise ValueError(f"cannot read {path!r} as a torch file: {err}") from err
 
@@ -399,6 +399,23 @@ def save_checkpoint(path: str | os.PathLike, model: nn.Module, *, model_name: st
         torch.save(payload, handle)
 
 
+def _checkpoint_payload(path: str, mmap: bool = False) -> dict:
+    payload = _torch_load(path, mmap=mmap)
+    if not isinstance(payload, dict) or payload.get("format") != CHECKPOINT_FORMAT:
+        raise ValueError(f"{path!r} is not a ucan_smoothing checkpoint (no {CHECKPOINT_FORMAT!r} header)")
+    if payload.get("version") != CHECKPOINT_VERSION:
+        raise ValueError(f"{path!r} has checkpoint version {payload.get('version')!r}; "
+                         f"this code reads version {CHECKPOINT_VERSION}")
+    return payload
+
+
+def checkpoint_identity(path: str | os.PathLike) -> tuple[str, str]:
+    """``(model name, data set)`` of a ``save_checkpoint`` file, without reading its weights
+    (memory-mapped); errors as for :func:`load_checkpoint`."""
+    payload = _checkpoint_payload(os.fspath(path), mmap=True)
+    return payload["model_name"], payload["dataset"]
+
+
 def load_checkpoint(path: str | os.PathLike, expected_model_name: str | None = None,
                     expected_dataset: str | None = None) -> tuple[nn.Module, dict]:
     """Rebuild the model saved by ``save_checkpoint``; return ``(model, meta)``.
@@ -409,12 +426,7 @@ def load_checkpoint(path: str | os.PathLike, expected_model_name: str | None = N
     ``FileNotFoundError`` and an unreadable one ``ValueError``, naming the path.
     """
     path = os.fspath(path)
-    payload = _torch_load(path)
-    if not isinstance(payload, dict) or payload.get("format") != CHECKPOINT_FORMAT:
-        raise ValueError(f"{path!r} is not a ucan_smoothing checkpoint (no {CHECKPOINT_FORMAT!r} header)")
-    if payload.get("version") != CHECKPOINT_VERSION:
-        raise ValueError(f"{path!r} has checkpoint version {payload.get('version')!r}; "
-                         f"this code reads version {CHECKPOINT_VERSION}")
+    payload = _checkpoint_payload(path)
     name, dataset = payload["model_name"], payload["dataset"]
     if expected_model_name is not None and name != expected_model_name:
         raise ValueError(f"checkpoint {path!r} holds model {name!r} but {expected_model_name!r} was expected")

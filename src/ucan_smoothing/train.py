@@ -69,7 +69,15 @@ from .fileio import atomic_open
 from .data import DATASETS, canonical_dataset_name, load_dataset
 from .distributed import DistContext, cleanup, init_distributed
 from .generators import GENERATORS, NoiseGenerator, generator_from_config, make_generator, sigma_stats
-from .models import Autocast, build_model, load_checkpoint, model_spec, save_checkpoint, to_channels_last
+from .models import (
+    Autocast,
+    build_model,
+    checkpoint_identity,
+    load_checkpoint,
+    model_spec,
+    save_checkpoint,
+    to_channels_last,
+)
 from .noises import FAMILIES, Noise, make_noise
 from .norms import parse_norm
 from .smooth import Smooth
@@ -183,13 +191,12 @@ def resolve_config(config: TrainConfig | dict) -> TrainConfig:
         raise ValueError(f"unknown training target {cfg.target!r}; use one of {TARGETS}")
     if cfg.target == "npg" and cfg.base is not None and (cfg.model is None or cfg.dataset is None):
         # an NPG is trained for its base classifier: take what that classifier is unless told
-        try:
-            base_meta = load_trained(cfg.base).meta
+        try:  # the header only: the weights are read once, when training loads the base
+            base_model, base_dataset = checkpoint_identity(_run_checkpoint(cfg.base))
         except (OSError, ValueError):
-            base_meta = None  # reported with the other checks, or when training loads it
-        if base_meta is not None:
-            cfg.model = cfg.model or base_meta["model_name"]
-            cfg.dataset = cfg.dataset or base_meta["dataset"]
+            base_model = base_dataset = None  # reported with the other checks, or when training loads it
+        cfg.model = cfg.model or base_model
+        cfg.dataset = cfg.dataset or base_dataset
     cfg.model = cfg.model or "mnist_cnn"
     spec = model_spec(cfg.model)
     cfg.dataset = canonical_dataset_name(cfg.dataset or spec.dataset)
@@ -655,6 +662,17 @@ def _check_noise_matches(path, saved: dict, expected) -> None:
                                  f"of scale {want.get('scale', saved.get('scale'))} was expected")
 
 
+def _run_checkpoint(path: str | os.PathLike) -> Path:
+    """The checkpoint file of ``path``: itself, or a run folder's ``final.pt`` (else ``last.pt``)."""
+    path = Path(path)
+    if path.is_dir():
+        for name in (FINAL, LAST):
+            if (path / name).is_file():
+                return path / name
+        raise FileNotFoundError(f"run folder {str(path)!r} holds neither {FINAL} nor {LAST}")
+    return path
+
+
 def load_trained(path: str | os.PathLike, expected_model: str | None = None, expected_dataset: str | None = None,
                  expected_noise=None) -> TrainedRun:
     """Load a checkpoint written by training (``final.pt`` / ``last.pt``), or a run folder.
@@ -662,14 +680,7 @@ def load_trained(path: str | os.PathLike, expected_model: str | None = None, exp
     ``expected_*`` (model name, data set, noise: a ``Noise`` or ``{"family",
     "scale"}``) are checked; a mismatch raises ``ValueError`` naming both.
     """
-    path = Path(path)
-    if path.is_dir():
-        for name in (FINAL, LAST):
-            if (path / name).is_file():
-                path = path / name
-                break
-        else:
-            raise FileNotFoundError(f"run folder {str(path)!r} holds neither {FINAL} nor {LAST}")
+    path = _run_checkpoint(path)
     if expected_dataset is not None:
         expected_dataset = canonical_dataset_name(expected_dataset)
     model, meta = load_checkpoint(path, expected_model_name=expected_model, expected_dataset=expected_dataset)
