@@ -13,7 +13,7 @@ import torch
 
 from ucan_smoothing import ABSTAIN, Smooth
 from ucan_smoothing.data import load_dataset
-from ucan_smoothing.train import load_trained
+from ucan_smoothing.runs import load_trained
 
 
 def main(run_dir, count=500, n=1000, alpha=0.001):

@@ -16,7 +16,7 @@ import torch
 from scipy import optimize, stats
 
 from ucan_smoothing import Anisotropic, Gaussian, Laplace, Smooth
-from ucan_smoothing.adaptive import (
+from ucan_smoothing.npg import (
     ElasticSigmaSmooth,
     Interval1D,
     SHIFTS,
@@ -36,7 +36,7 @@ from ucan_smoothing.adaptive import (
     shift_from_config,
     shift_smoothed,
 )
-from ucan_smoothing.generators import InputDependentGenerator
+from ucan_smoothing.npg.generators import InputDependentGenerator
 
 from oracles import LinearBinary, OneAxisThreshold
 

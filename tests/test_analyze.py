@@ -7,8 +7,8 @@ import matplotlib.pyplot as plt
 import pytest
 import torch
 
-from ucan_smoothing import analyze
-from ucan_smoothing.analyze import (
+from ucan_smoothing import analysis as analyze
+from ucan_smoothing.analysis import (
     ALM_NAME,
     NOT_CERTIFICATE,
     accuracy_key,

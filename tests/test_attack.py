@@ -12,7 +12,7 @@ import torch
 from scipy import stats
 
 from ucan_smoothing import Anisotropic, Gaussian, Smooth
-from ucan_smoothing.adaptive import (
+from ucan_smoothing.npg import (
     ElasticSigmaSmooth,
     LipschitzShiftSmooth,
     NoisyInputShift,
@@ -22,7 +22,7 @@ from ucan_smoothing.adaptive import (
 from ucan_smoothing.attack import ATTACK_SCHEMA, attack_certificate, exact_search, pgd_attack, project, summarize
 from ucan_smoothing.cli import main
 from ucan_smoothing.results import read_results, read_sidecar
-from ucan_smoothing.train import train_classifier, train_generator
+from ucan_smoothing.training import train_classifier, train_generator
 
 from oracles import LinearBinary
 

@@ -12,7 +12,7 @@ import pytest
 
 from ucan_smoothing.cli import main
 from ucan_smoothing.results import read_results, read_sidecar
-from ucan_smoothing.train import train_classifier
+from ucan_smoothing.training import train_classifier
 
 
 @pytest.fixture(scope="module")
@@ -104,7 +104,7 @@ def test_mixed_precision_certifies_the_autocast_classifier(run_dir, tmp_path):
 
 def test_the_seed_changes_the_noise_of_every_image():
     import torch
-    from ucan_smoothing.certify_command import image_generator
+    from ucan_smoothing.core.streams import image_generator
 
     cpu = torch.device("cpu")
 

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from ucan_smoothing import Anisotropic, Gaussian, Laplace, Smooth, make_noise
-from ucan_smoothing.generators import (
+from ucan_smoothing.npg.generators import (
     GENERATORS, InputDependentGenerator, PatternFixedGenerator, UniversalGenerator, generator_from_config,
     make_generator, sigma_stats,
 )

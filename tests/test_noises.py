@@ -11,7 +11,7 @@ from hypothesis import strategies as st
 from scipy import stats
 
 from ucan_smoothing import ExpInf, Gaussian, Laplace, PowerLaw, Uniform, make_noise
-from ucan_smoothing.noises import standard_gamma
+from ucan_smoothing.core.noises import standard_gamma
 
 from oracles import marginal_tail, one_axis_p_top
 

@@ -20,7 +20,7 @@ from ucan_smoothing import (
     Smooth,
     Uniform,
 )
-from ucan_smoothing.sequential import (
+from ucan_smoothing.core.sequential import (
     StagedClopperPearson,
     certify_radius,
     certify_radius_batch,

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from ucan_smoothing import Gaussian, Smooth
-from ucan_smoothing.adaptive import (
+from ucan_smoothing.npg import (
     LipschitzShiftNet,
     LipschitzShiftSmooth,
     NoisyInputShift,
@@ -18,11 +18,12 @@ from ucan_smoothing.adaptive import (
     lipschitz_bounds,
 )
 from ucan_smoothing.attack import ATTACK_SCHEMA
-from ucan_smoothing.certify_command import image_generator
+from ucan_smoothing.core.streams import image_generator
 from ucan_smoothing.cli import main
 from ucan_smoothing.data import load_dataset
 from ucan_smoothing.results import read_results, read_sidecar
-from ucan_smoothing.train import load_trained, read_metrics, train_classifier
+from ucan_smoothing.runs import load_trained
+from ucan_smoothing.training import read_metrics, train_classifier
 
 SMALL = ["--max-train", "512", "--max-test", "64", "--epochs", "1", "--batch-size", "64", "--device", "cpu",
          "--threads", "1", "--no-progress"]

@@ -18,12 +18,12 @@ import pytest
 import torch
 
 from ucan_smoothing import Anisotropic, Gaussian, Smooth, cli
-from ucan_smoothing.generators import PatternFixedGenerator
+from ucan_smoothing.npg.generators import PatternFixedGenerator
 from ucan_smoothing.models import load_checkpoint
-from ucan_smoothing.train import (
-    METRIC_FIELDS, TrainConfig, load_trained, read_metrics, resolve_config, save_sigma_png,
-    train_classifier, train_generator,
-)
+from ucan_smoothing.figures import save_sigma_png
+from ucan_smoothing.runs import load_trained
+from ucan_smoothing.training import TrainConfig, read_metrics, resolve_config, train_classifier, train_generator
+from ucan_smoothing.training.checkpoints import METRIC_FIELDS
 
 FAST = dict(device="cpu", progress=False, threads=1, batch_size=64)
 
@@ -143,7 +143,7 @@ class _Crash(Exception):
 
 
 def test_resume_inside_an_epoch_gives_the_uninterrupted_run(data_root, tmp_path, monkeypatch):
-    import ucan_smoothing.train as train_module
+    import ucan_smoothing.training.loop as train_module
     common = dict(data_root=data_root, max_train=256, max_test=64, seed=5, epochs=2, **FAST)  # 4 steps per epoch
     straight = train_classifier(out=str(tmp_path / "straight"), **common)
     real_save = train_module.save_checkpoint
@@ -188,7 +188,7 @@ def _without_timing(row: dict) -> dict:
 
 def test_batches_start_at_any_step_for_on_disk_data():
     from ucan_smoothing.distributed import DistContext
-    from ucan_smoothing.train import _Batches
+    from ucan_smoothing.training.batches import Batches as _Batches
 
     class Folder(torch.utils.data.Dataset):  # an on-disk-style data set: items, no tensor of images
         def __len__(self):
@@ -283,7 +283,7 @@ def test_cli_rejects_bad_options(argv, match, capsys):
 
 
 def test_cli_options_map_to_the_config():
-    from ucan_smoothing.train import command_line, config_from_args
+    from ucan_smoothing.commands.train import command_line, config_from_args
     args = cli.build_parser().parse_args([
         "train", "npg", "--kind", "pattern", "--p", "inf", "--kappa", "0.02", "--iota", "2", "--centre", "10,12",
         "--normalize", "none", "--train-pattern", "--base", "x.pt", "--sigma-weight", "0.5", "--power-a", "900",
@@ -420,7 +420,7 @@ def test_classifier_under_a_trained_npg(base_run, data_root, tmp_path):
 
 
 def test_shift_kinds_train_under_fixed_noise_and_resume_exactly(base_run, data_root, tmp_path):
-    from ucan_smoothing.adaptive import LipschitzShiftNet, LipschitzShiftSmooth, NoisyInputShift, NoisyShiftNet
+    from ucan_smoothing.npg import LipschitzShiftNet, LipschitzShiftSmooth, NoisyInputShift, NoisyShiftNet
 
     pattern = train_classifier(data_root=data_root, npg={"kind": "pattern", "p": "inf", "kappa": 0.02}, epochs=1,
                                max_train=64, max_test=32, out=str(tmp_path / "pattern"), **FAST)
@@ -454,7 +454,7 @@ def test_shift_kinds_train_under_fixed_noise_and_resume_exactly(base_run, data_r
 
 
 def test_shift_kind_options(base_run):
-    from ucan_smoothing.train import config_from_args
+    from ucan_smoothing.commands.train import config_from_args
     args = cli.build_parser().parse_args(["train", "npg", "--kind", "lipschitz_shift", "--lipschitz", "0.3",
                                           "--depth", "3", "--hidden", "32", "--gamma", "0.5", "--joint",
                                           "--noise", "laplace"])

@@ -1,9 +1,6 @@
 """Tables and plots from result files of ``ucan certify`` (and Cohen et al.'s).
 
-``ucan analyze A.tsv B.tsv --label iso --label ucan --out report/`` prints
-Markdown tables and writes ``summary.md``, ``summary.csv`` and
-``certified_accuracy.png`` into ``--out``; ``--sigma RUN ...`` adds
-``sigma_maps.png``, the sigma maps of NPG training runs side by side.
+The command is ``ucan analyze`` (:mod:`ucan_smoothing.commands.analyze`).
 
 Per method (one result file):
 
@@ -30,12 +27,10 @@ Python API: :func:`load_methods`, :func:`summarize`, :func:`markdown_table`,
 
 from __future__ import annotations
 
-import argparse
 import csv
 import io
 import math
 import os
-import sys
 import tempfile
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -400,7 +395,7 @@ def plot_certified_accuracy(results_by_label, path, radii=None, cohen_norm: str 
 
 
 def _sigma_png(source, workdir: Path, title: str) -> Path:
-    """A sigma-map PNG for a run folder, a .pt file or a tensor (rendered by train.save_sigma_png)."""
+    """A sigma-map PNG for a run folder, a .pt file or a tensor (rendered by figures.save_sigma_png)."""
     if isinstance(source, (str, os.PathLike)):
         source = Path(source)
         if source.is_dir():
@@ -417,7 +412,7 @@ def _sigma_png(source, workdir: Path, title: str) -> Path:
             raise FileNotFoundError(f"no sigma map at {source}")
     import torch
 
-    from .train import save_sigma_png
+    from .figures import save_sigma_png
 
     mu = images = None
     tensor = torch.load(source, map_location="cpu") if isinstance(source, Path) else source
@@ -467,41 +462,3 @@ def plot_sigma_maps(sources, path, labels=None) -> Path:
     fig.savefig(path, dpi=100)
     plt.close(fig)
     return path
-
-
-# -- command line ---------------------------------------------------------------------
-
-def configure(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("files", nargs="+", metavar="FILE.tsv", help="result files of `ucan certify` or Cohen et al.")
-    parser.add_argument("--label", action="append", default=None,
-                        help="name of a method, once per file in order (default: the file names)")
-    parser.add_argument("--radii", type=float, nargs="+", default=None,
-                        help="radii of the tables for every norm and ALM (overrides the defaults)")
-    for norm in (*NORMS, "alm"):
-        shown = ", ".join(f"{r:g}" for r in DEFAULT_RADII[norm])
-        what = "ALM thresholds (not certified radii)" if norm == "alm" else f"{DISPLAY[norm]} radii"
-        parser.add_argument(f"--radii-{norm}", type=float, nargs="+", default=None,
-                            help=f"{what} (default {shown})")
-    parser.add_argument("--cohen-norm", choices=NORMS, default="l2",
-                        help="norm of the radius in Cohen-format files (default l2, Gaussian noise)")
-    parser.add_argument("--sigma", nargs="+", default=None, metavar="RUN_DIR",
-                        help="training run folders (or sigma .pt files) whose sigma maps go into sigma_maps.png")
-    parser.add_argument("--out", default="analysis", help="folder for summary.md, summary.csv and the plots "
-                                                          "(default ./analysis)")
-
-
-def run(args) -> int:
-    radii = {norm: getattr(args, f"radii_{norm}") or args.radii for norm in (*NORMS, "alm")}
-    methods = load_methods(args.files, args.label, args.cohen_norm)
-    summary = summarize(methods, radii=radii)
-    table = markdown_table(summary)
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "summary.md").write_text(table, encoding="utf-8")
-    written = [out / "summary.md", write_csv(summary, out / "summary.csv"),
-               plot_certified_accuracy(methods, out / "certified_accuracy.png", radii)]
-    if args.sigma:
-        written.append(plot_sigma_maps(args.sigma, out / "sigma_maps.png"))
-    print(table)
-    print("wrote " + ", ".join(str(p) for p in written), file=sys.stderr)
-    return 0

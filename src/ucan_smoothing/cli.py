@@ -14,12 +14,12 @@ import sys
 
 #: command name -> (module, one-line help)
 COMMANDS = {
-    "demo": ("ucan_smoothing.demo", "isotropic vs UCAN noise on MNIST in minutes: train, certify, compare"),
-    "train": ("ucan_smoothing.train", "train a base classifier or a noise parameter generator"),
-    "certify": ("ucan_smoothing.certify_command", "certify a trained run on a data split (resumable)"),
-    "analyze": ("ucan_smoothing.analyze", "tables and plots from result files"),
-    "bench": ("ucan_smoothing.bench", "throughput benchmark of certification"),
-    "attack": ("ucan_smoothing.attack", "search certified regions for counterexamples"),
+    "demo": ("ucan_smoothing.commands.demo", "isotropic vs UCAN noise on MNIST in minutes: train, certify, compare"),
+    "train": ("ucan_smoothing.commands.train", "train a base classifier or a noise parameter generator"),
+    "certify": ("ucan_smoothing.commands.certify", "certify a trained run on a data split (resumable)"),
+    "analyze": ("ucan_smoothing.commands.analyze", "tables and plots from result files"),
+    "bench": ("ucan_smoothing.commands.bench", "throughput benchmark of certification"),
+    "attack": ("ucan_smoothing.commands.attack", "search certified regions for counterexamples"),
 }
 
 

@@ -1,9 +1,10 @@
 """Atomic file writes: a reader (or a resumed run) never sees a half-written file.
 
 The data goes to a temporary file in the same folder, is flushed to disk,
-and then replaces the target in one ``os.replace``. (``results.py`` keeps
-its own copy on purpose: it imports nothing from the package, so that its
-crash tests can load it without torch.)
+and then replaces the target in one ``os.replace``; the folder is synced so
+the rename survives a power cut. Temporary names are unique, so two writers
+never share one, and a failed write removes its temporary file. This module
+imports nothing heavy (no torch): result files use it too.
 """
 
 from __future__ import annotations
@@ -32,6 +33,32 @@ def atomic_open(path, mode: str = "wb"):
         if os.path.exists(tmp):
             os.remove(tmp)
         raise
+    fsync_directory(folder)
+
+
+def atomic_write_bytes(path, data: bytes) -> None:
+    """Replace ``path`` with ``data``: readers see the old or the new file, never a mix."""
+    with atomic_open(path, "wb") as handle:
+        handle.write(data)
+
+
+def atomic_write_text(path, text: str) -> None:
+    """Replace ``path`` with ``text`` (UTF-8), atomically."""
+    atomic_write_bytes(path, text.encode("utf-8"))
+
+
+def fsync_directory(directory) -> None:
+    """Make a rename or a new file in ``directory`` durable (a no-op where folders cannot be opened)."""
+    try:
+        fd = os.open(directory, os.O_RDONLY)
+    except OSError:  # pragma: no cover - e.g. Windows
+        return
+    try:
+        os.fsync(fd)
+    except OSError:  # pragma: no cover
+        pass
+    finally:
+        os.close(fd)
 
 
 def file_sha256(path) -> str:

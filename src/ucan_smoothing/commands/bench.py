@@ -33,10 +33,10 @@ import time
 import numpy as np
 import torch
 
-from .generators import UniversalGenerator
-from .models import Autocast, build_model, model_spec, to_channels_last
-from .noises import Gaussian
-from .smooth import Smooth
+from ..core.noises import Gaussian
+from ..core.smooth import Smooth
+from ..models import Autocast, build_model, model_spec, to_channels_last
+from ..npg.generators import UniversalGenerator
 
 
 def configure(parser: argparse.ArgumentParser) -> None:

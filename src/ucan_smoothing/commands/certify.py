@@ -1,7 +1,7 @@
 """Certify a trained run on a data split, one TSV row per image, resumable.
 
 ``ucan certify RUN --out results.tsv`` runs Cohen's CERTIFY (or, with
-``--radius``, the sequential test of :mod:`ucan_smoothing.sequential`) on every
+``--radius``, the sequential test of :mod:`ucan_smoothing.core.sequential`) on every
 ``--skip``-th test image, at most ``--max`` of them. Rows are appended as
 images finish; killing the process and running the same command again goes on
 where it stopped. Each image draws its noise from its own seed
@@ -11,7 +11,7 @@ extends it. Under ``torchrun`` the images are split
 across processes, each writes its own part, and rank 0 merges them.
 
 What is certified is the run's own smoothed classifier
-(:meth:`~ucan_smoothing.train.TrainedRun.smoothed`): fixed noise, the sound
+(:meth:`~ucan_smoothing.runs.TrainedRun.smoothed`): fixed noise, the sound
 input-adaptive modes (``noisy_shift``: ``f(z + mu(z))`` under fixed noise;
 ``lipschitz_shift``: radius ``R / (1 + L)``), or, only with ``--paper-mode``,
 the paper's input-dependent NPG, labelled NOT a certificate.
@@ -23,14 +23,16 @@ import argparse
 import time
 from pathlib import Path
 
-import torch
 from tqdm.auto import tqdm
 
-from .fileio import file_sha256
-from .data import load_dataset
-from .distributed import cleanup, init_distributed
-from .norms import norm_name, parse_norm
-from .results import (
+from ..core.certificate import ABSTAIN, Certificate
+from ..core.norms import norm_name, parse_norm
+from ..core.sequential import certify_radius
+from ..core.streams import image_generator
+from ..data import load_dataset
+from ..distributed import cleanup, init_distributed
+from ..fileio import file_sha256
+from ..results import (
     PER_IMAGE_NON_IDENTITY_KEYS,
     RESULT_SCHEMA,
     SEQUENTIAL_COLUMNS,
@@ -41,9 +43,7 @@ from .results import (
     shard_path,
     split_indices,
 )
-from .sequential import certify_radius
-from .smooth import ABSTAIN, Certificate
-from .train import load_trained
+from ..runs import load_trained, run_checkpoint
 
 
 def configure(parser: argparse.ArgumentParser) -> None:
@@ -73,31 +73,6 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--paper-mode", action="store_true",
                         help="certify an input-dependent NPG as the paper does (sigma(x), mu(x) frozen at the clean "
                              "input): reproduces its numbers, NOT a certificate (rows get is_certificate=false)")
-
-
-def _checkpoint_file(run: Path) -> Path:
-    if run.is_dir():
-        for name in ("final.pt", "last.pt"):
-            if (run / name).is_file():
-                return run / name
-    return run
-
-
-def _npg_description(trained) -> str:
-    return trained.description()
-
-
-def image_generator(seed: int, idx: int, device: torch.device) -> torch.Generator:
-    """The noise stream of image ``idx``: independent of which process or run certifies it.
-
-    The seed is folded into 32 bits because PyTorch's CPU generator keeps only
-    the low 32 bits of a seed. ``seed`` picks an odd-multiplier offset (a
-    bijection of the 32-bit values, so each seed gives each image its own
-    stream); seed 0 gives image ``idx`` the seed ``idx``.
-    """
-    generator = torch.Generator(device=device)
-    generator.manual_seed((idx ^ (seed * 0x9E3779B1)) & 0xFFFFFFFF)
-    return generator
 
 
 def _sequential_certificate(smooth, x, args, generator) -> Certificate:
@@ -163,12 +138,12 @@ def _certify(args, context) -> int:
     indices = list(range(0, len(data), args.skip))[: args.max]
 
     config = {
-        "checkpoint": str(_checkpoint_file(run_path).resolve()),
-        "checkpoint_sha256": file_sha256(_checkpoint_file(run_path)),
+        "checkpoint": str(run_checkpoint(run_path).resolve()),
+        "checkpoint_sha256": file_sha256(run_checkpoint(run_path)),
         "dataset": dataset_name, "split": args.split, "data_root": args.data_root,
         "n0": args.n0, "n": args.n, "alpha": args.alpha, "batch_size": args.batch_size,
         "skip": args.skip, "max": args.max, "seed": args.seed,
-        "noise": noise.describe(), "npg": _npg_description(trained),
+        "noise": noise.describe(), "npg": trained.description(),
         "is_certificate": is_certificate,
         "mode": f"sequential-{args.method}" if sequential else ("paper" if paper_mode else "certify"),
         "radius": args.radius, "norm": norm_name(args.norm) if sequential else None,

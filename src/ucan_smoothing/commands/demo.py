@@ -20,9 +20,9 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from .analyze import markdown_table, plot_certified_accuracy, plot_sigma_maps, summarize, write_csv
-from .cli import main as cli_main
-from .train import train_classifier, train_generator
+from ..analysis import markdown_table, plot_certified_accuracy, plot_sigma_maps, summarize, write_csv
+from ..cli import main as cli_main
+from ..training import train_classifier, train_generator
 
 
 def configure(parser: argparse.ArgumentParser) -> None:

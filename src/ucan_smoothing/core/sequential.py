@@ -67,7 +67,8 @@ import math
 from dataclasses import dataclass
 
 from .norms import parse_norm
-from .smooth import ABSTAIN, _resolve_generator
+from .certificate import ABSTAIN
+from .streams import resolve_generator
 from .statistics import (
     check_alpha,
     check_count,
@@ -367,7 +368,7 @@ def certify_radius_batch(
 ) -> list:
     """:func:`certify_radius` for each input of the batch ``xs``; the inputs still
     undecided share the forward batches of each stage."""
-    xs = smooth._prepare(xs, single=False)
+    xs = smooth.prepare(xs, single=False)
     options = (n0, max_n, stages, first, method, batch_size, generator)
     return _certify_radius(smooth, xs, radius, norm, alpha, *options)
 
@@ -397,7 +398,7 @@ def certify_radius(
     ``P(decision is True but the smoothed classifier is not robust at radius
     with that class) <= alpha``.
     """
-    xs = smooth._prepare(x, single=True)
+    xs = smooth.prepare(x, single=True)
     options = (n0, max_n, stages, first, method, batch_size, generator)
     return _certify_radius(smooth, xs, radius, norm, alpha, *options)[0]
 
@@ -411,7 +412,7 @@ def _certify_radius(smooth, xs, radius, norm, alpha, n0, max_n, stages, first, m
     schedule = geometric_schedule(max_n, DEFAULT_STAGES[method] if stages is None else stages, first)
     _check_budget(method, schedule, threshold, alpha, float(radius))
 
-    generator = _resolve_generator(generator, xs.device)
+    generator = resolve_generator(generator, xs.device)
     # Selection on its own samples, as CERTIFY: the estimation must not reuse them.
     selection = smooth.count_votes(xs, n0, batch_size, generator)
     selected = selection.argmax(dim=1).tolist()
@@ -473,7 +474,7 @@ def predict_sequential_batch(
     generator=None,
 ) -> list:
     """:func:`predict_sequential` for each input of the batch ``xs``."""
-    xs = smooth._prepare(xs, single=False)
+    xs = smooth.prepare(xs, single=False)
     return _predict_sequential(smooth, xs, alpha, max_n, stages, first, batch_size, generator)
 
 
@@ -492,7 +493,7 @@ def predict_sequential(
     stages (at most ``max_n`` samples), the two-sided binomial test of the top
     two classes at level ``alpha / stages``. Returns at the first significant
     stage; a tie is never decided, so it abstains only after ``max_n``."""
-    xs = smooth._prepare(x, single=True)
+    xs = smooth.prepare(x, single=True)
     return _predict_sequential(smooth, xs, alpha, max_n, stages, first, batch_size, generator)[0]
 
 
@@ -507,7 +508,7 @@ def _predict_sequential(smooth, xs, alpha, max_n, stages, first, batch_size, gen
             f"max_n={schedule[-1]} is too small to predict anything at alpha={alpha} split over "
             f"{len(schedule)} stages ({stage_alpha:.3g} each): use max_n >= {needed} or fewer stages"
         )
-    generator = _resolve_generator(generator, xs.device)
+    generator = resolve_generator(generator, xs.device)
     tests = [SequentialPredictTest([stage_alpha] * len(schedule)) for _ in range(len(xs))]
     run_stages(_smooth_draw(smooth, xs, batch_size, generator), tests, schedule)
     return [SequentialPrediction(test.prediction, test.n, test.stages_run, alpha) for test in tests]

@@ -17,12 +17,12 @@ not grow with ``n``. Several images share one forward batch when
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-
 import torch
 from tqdm.auto import tqdm
 
-from .norms import NORMS, norm_name
+from .certificate import ABSTAIN, Certificate
+from .sequential import certify_radius, predict_sequential
+from .streams import resolve_generator
 from .statistics import (
     check_alpha,
     check_can_certify,
@@ -30,74 +30,6 @@ from .statistics import (
     clopper_pearson_lower,
     predict_is_significant,
 )
-
-#: returned by ``predict`` (and stored in ``Certificate.prediction``) on abstention
-ABSTAIN = -1
-
-
-@dataclass(frozen=True)
-class Certificate:
-    """The outcome of CERTIFY for one input.
-
-    ``regions`` are the certified sets ``{||delta / sigma||_p <= R}``, one per
-    native norm of the noise (empty on abstention); each is certified, so
-    ``radius(q)`` is the radius of the largest ``lq`` ball inside any one of
-    them. ``alm`` is the paper's volume figure and is NOT a certified radius. ``is_certificate`` is False
-    for anything that is not a proven guarantee.
-    """
-
-    prediction: int
-    p_lower: float
-    norm: float  # primary native norm of the noise
-    regions: tuple = ()
-    is_certificate: bool = True
-    n0: int = 0
-    n: int = 0
-    alpha: float = 0.0
-    top_count: int = 0
-    extra: dict = field(default_factory=dict, compare=False)
-
-    @property
-    def abstained(self) -> bool:
-        return self.prediction == ABSTAIN
-
-    def radius(self, norm=None) -> float:
-        """Certified radius in ``norm`` (default: the native norm); 0 on abstention."""
-        norm = self.norm if norm is None else norm
-        return max((region.radius(norm) for region in self.regions), default=0.0)
-
-    def radii(self) -> dict:
-        """``{'l1': r1, 'l2': r2, 'linf': rinf}``."""
-        return {norm_name(q): self.radius(q) for q in NORMS}
-
-    @property
-    def alm(self) -> float:
-        """The paper's ALM in the native norm: a volume-equivalent radius, NOT a certificate."""
-        primary = [region for region in self.regions if region.norm == self.norm]
-        return primary[0].alm if primary else 0.0
-
-    def contains(self, delta) -> bool:
-        """True when ``x + delta`` is certified to keep the prediction."""
-        return any(region.contains(delta) for region in self.regions)
-
-
-def _resolve_generator(generator, device: torch.device) -> torch.Generator:
-    if isinstance(generator, torch.Generator):
-        if generator.device.type != device.type:
-            raise ValueError(
-                f"the generator lives on {generator.device} but noise is drawn on {device}; "
-                f"pass a seed or torch.Generator(device='{device}')"
-            )
-        return generator
-    made = torch.Generator(device=device)
-    if generator is None:
-        made.seed()
-    elif isinstance(generator, int) and not isinstance(generator, bool):
-        made.manual_seed(generator)
-    else:
-        raise TypeError(f"generator must be a torch.Generator, an int seed or None, got {generator!r}")
-    return made
-
 
 class CastInput(torch.nn.Module):
     """``model(z.to(dtype))`` as float32 logits: a reduced-precision model as a base classifier of
@@ -139,7 +71,9 @@ class Smooth:
             self.dtype = torch.float32
 
     # -- input checks ---------------------------------------------------------
-    def _prepare(self, xs: torch.Tensor, single: bool) -> torch.Tensor:
+    def prepare(self, xs: torch.Tensor, single: bool) -> torch.Tensor:
+        """``xs`` checked (shape, finite values) and moved to the model's device and dtype;
+        ``single``: one input, returned with a batch dimension."""
         if not isinstance(xs, torch.Tensor):
             raise TypeError(f"inputs must be a torch.Tensor, got {type(xs).__name__}")
         shape = tuple(xs.shape) if single else tuple(xs.shape[1:])
@@ -170,7 +104,7 @@ class Smooth:
         batch_size = check_count("batch_size", batch_size)
         count, shape = xs.shape[0], tuple(xs.shape[1:])
         device, classes = xs.device, self.num_classes
-        generator = _resolve_generator(generator, device)
+        generator = resolve_generator(generator, device)
         votes = torch.zeros(count * classes, dtype=torch.long, device=device)
         total = count * num
         bar = tqdm(total=total, unit="sample", disable=not progress, leave=False)
@@ -194,14 +128,14 @@ class Smooth:
     # -- PREDICT ---------------------------------------------------------------
     def predict_batch(self, xs, n: int, alpha: float, batch_size: int = 1000, generator=None) -> list:
         """Cohen's PREDICT for each input of the batch ``xs``: class or ``ABSTAIN``."""
-        return self._predict(self._prepare(xs, single=False), n, alpha, batch_size, generator)
+        return self._predict(self.prepare(xs, single=False), n, alpha, batch_size, generator)
 
     def predict(self, x, n: int, alpha: float, batch_size: int = 1000, generator=None) -> int:
         """Cohen's PREDICT: the smoothed class of ``x`` (one input), or ``ABSTAIN``.
 
         A returned class is wrong with probability at most ``alpha``.
         """
-        return self._predict(self._prepare(x, single=True), n, alpha, batch_size, generator)[0]
+        return self._predict(self.prepare(x, single=True), n, alpha, batch_size, generator)[0]
 
     def _predict(self, xs, n, alpha, batch_size, generator) -> list:
         alpha = check_alpha(alpha)
@@ -219,7 +153,7 @@ class Smooth:
         self, xs, n0: int, n: int, alpha: float, batch_size: int = 1000, generator=None, progress: bool = False
     ) -> list:
         """Cohen's CERTIFY for each input of the batch ``xs`` (independent noise per input)."""
-        return self._certify(self._prepare(xs, single=False), n0, n, alpha, batch_size, generator, progress)
+        return self._certify(self.prepare(xs, single=False), n0, n, alpha, batch_size, generator, progress)
 
     def certify(
         self, x, n0: int, n: int, alpha: float, batch_size: int = 1000, generator=None, progress: bool = False
@@ -230,14 +164,14 @@ class Smooth:
         classifier predicts ``certificate.prediction`` at every ``x + delta``
         with ``certificate.contains(delta)``.
         """
-        return self._certify(self._prepare(x, single=True), n0, n, alpha, batch_size, generator, progress)[0]
+        return self._certify(self.prepare(x, single=True), n0, n, alpha, batch_size, generator, progress)[0]
 
     def _certify(self, xs, n0, n, alpha, batch_size, generator, progress) -> list:
         alpha = check_alpha(alpha)
         n0 = check_count("n0", n0)
         n = check_count("n", n)
         check_can_certify(n, alpha)
-        generator = _resolve_generator(generator, xs.device)
+        generator = resolve_generator(generator, xs.device)
         # Selection and estimation use separate samples, as the proof requires.
         selected = self.count_votes(xs, n0, batch_size, generator, progress).argmax(dim=1)
         votes = self.count_votes(xs, n, batch_size, generator, progress)
@@ -266,12 +200,8 @@ class Smooth:
     def certify_radius(self, x, radius: float, norm, alpha: float, **options):
         """Is ``x`` certified at ``radius`` in ``norm``? Stops as soon as known;
         see :func:`ucan_smoothing.sequential.certify_radius` for ``options``."""
-        from .sequential import certify_radius
-
         return certify_radius(self, x, radius, norm, alpha, **options)
 
     def predict_sequential(self, x, alpha: float, **options):
         """PREDICT with early stopping; see :func:`ucan_smoothing.sequential.predict_sequential`."""
-        from .sequential import predict_sequential
-
         return predict_sequential(self, x, alpha, **options)

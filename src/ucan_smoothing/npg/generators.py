@@ -64,9 +64,9 @@ import torch
 from torch import nn
 import torch.nn.functional as F
 
-from .anisotropic import Anisotropic
-from .noises import Noise
-from .norms import parse_norm
+from ..core.anisotropic import Anisotropic
+from ..core.noises import Noise
+from ..core.norms import parse_norm
 
 __all__ = [
     "GENERATORS",
