@@ -83,7 +83,7 @@ class SmoothTarget:
 
 
 def as_target(smoothed):
-    """Anything with ``noisy_logits`` (the classes of :mod:`ucan_smoothing.adaptive`), or a ``Smooth``."""
+    """Anything with ``noisy_logits`` (the classes of :mod:`ucan_smoothing.npg`), or a ``Smooth``."""
     if isinstance(smoothed, Smooth):
         return SmoothTarget(smoothed)
     if not hasattr(smoothed, "noisy_logits"):

@@ -80,7 +80,7 @@ class TrainedRun:
             raise ValueError("this run's generator computes sigma and mu from the input being certified: its "
                              "certificate is not sound (DESIGN.md section 4). Pass --paper-mode to reproduce the "
                              "paper's figures, labelled is_certificate=false, or use a sound mode of "
-                             "ucan_smoothing.adaptive")
+                             "ucan_smoothing.npg")
         model = self.model if device is None else self.model.to(device)
         if channels_last:
             model = to_channels_last(model)

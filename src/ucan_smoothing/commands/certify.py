@@ -101,7 +101,7 @@ def _check_paper_mode(trained, args) -> bool:
         raise ValueError("this run's generator computes sigma and mu from the input being certified: its "
                          "certificate is not sound (DESIGN.md section 4). Pass --paper-mode to reproduce the "
                          "paper's figures, labelled is_certificate=false, or use a sound mode of "
-                         "ucan_smoothing.adaptive")
+                         "ucan_smoothing.npg")
     if paper_mode and not input_dependent:
         raise ValueError("--paper-mode is only for runs with an input-dependent generator")
     if paper_mode and args.radius is not None:

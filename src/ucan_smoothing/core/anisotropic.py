@@ -27,7 +27,7 @@ def _check_tensor(name: str, value) -> torch.Tensor:
 class Anisotropic:
     """The noise ``base.sample() * sigma + mu``; certificates are axis-scaled balls.
 
-    ``base`` is any isotropic family of :mod:`ucan_smoothing.noises`; its
+    ``base`` is any isotropic family of :mod:`ucan_smoothing.core.noises`; its
     scale is the noise level, ``sigma`` the per-dimension shape of the noise.
     """
 

@@ -3,7 +3,7 @@
 Each family knows how to draw noise and how to turn a lower bound ``p`` on the
 top-class probability into certified radii. A family has one or two *native*
 norms (where the theorem lives); a radius in another norm comes from the
-inscribed-ball rule (:mod:`ucan_smoothing.regions`). Where two native regions
+inscribed-ball rule (:mod:`ucan_smoothing.core.regions`). Where two native regions
 are certified, each norm reports the larger derived radius.
 
 The binary forms use only ``p`` (the runner-up has at most ``1 - p``). The

@@ -47,7 +47,7 @@ class CastInput(torch.nn.Module):
 class Smooth:
     """A smoothed classifier ``g(x) = argmax_c P(model(x + noise) = c)``.
 
-    ``noise`` is an isotropic family (:mod:`ucan_smoothing.noises`) or fixed
+    ``noise`` is an isotropic family (:mod:`ucan_smoothing.core.noises`) or fixed
     anisotropic noise (:class:`ucan_smoothing.Anisotropic`). The model is put
     in eval mode. ``input_shape`` (optional) is checked against every input.
     Noise is drawn on the model's device, in its dtype, but at least float32:
@@ -199,9 +199,9 @@ class Smooth:
     # -- sequential (fewer samples for a fixed question; see sequential.py) ---------
     def certify_radius(self, x, radius: float, norm, alpha: float, **options):
         """Is ``x`` certified at ``radius`` in ``norm``? Stops as soon as known;
-        see :func:`ucan_smoothing.sequential.certify_radius` for ``options``."""
+        see :func:`ucan_smoothing.core.sequential.certify_radius` for ``options``."""
         return certify_radius(self, x, radius, norm, alpha, **options)
 
     def predict_sequential(self, x, alpha: float, **options):
-        """PREDICT with early stopping; see :func:`ucan_smoothing.sequential.predict_sequential`."""
+        """PREDICT with early stopping; see :func:`ucan_smoothing.core.sequential.predict_sequential`."""
         return predict_sequential(self, x, alpha, **options)

@@ -36,7 +36,7 @@ class NoisyInputShift(nn.Module):
 class NoisyShiftNet(nn.Module):
     """A ``mu`` network for :class:`NoisyInputShift`: ``z -> gamma * tanh(G(z))`` on the NOISY sample.
 
-    ``G`` is the conv generator of :mod:`ucan_smoothing.generators` (conv +
+    ``G`` is the conv generator of :mod:`ucan_smoothing.npg.generators` (conv +
     leaky-ReLU blocks, a dense head that starts at zero, so a fresh network is
     ``mu = 0`` and ``NoisyInputShift(model, net)`` starts as ``model``).
     ``gamma`` bounds every coordinate of the shift. Nothing about it needs to be

@@ -41,7 +41,7 @@ class PaperModeSmooth:
 
     ``npg`` maps a batch ``(B, *input_shape)`` to ``(sigma, mu)`` of the same
     shape (``mu`` may be None), e.g. an
-    :class:`~ucan_smoothing.generators.InputDependentGenerator`.
+    :class:`~ucan_smoothing.npg.generators.InputDependentGenerator`.
     """
 
     is_certificate = False

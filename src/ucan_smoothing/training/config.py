@@ -156,17 +156,31 @@ def resolve_config(config: TrainConfig | dict) -> TrainConfig:
         value = getattr(cfg, name)
         if value is not None and int(value) < 1:
             raise ValueError(f"{name} must be >= 1, got {value}")
-    if cfg.npg is not None:
-        npg = dict(cfg.npg)
-        kind = str(npg.pop("kind", "")).replace("-", "_")
-        if kind not in GENERATORS and kind not in SHIFTS:
-            raise ValueError(f"unknown NPG kind {kind!r}; known: {', '.join([*GENERATORS, *SHIFTS])}")
-        cfg.npg = {"kind": kind, **{k: v for k, v in _npg_defaults(kind, cfg.dataset, base_noise).items()}, **npg}
-        if kind == "lipschitz_shift":
-            norm = parse_norm(cfg.npg["norm"])
-            cfg.npg["norm"] = "inf" if math.isinf(norm) else int(norm)
-        build = make_shift if kind in SHIFTS else make_generator
-        build(kind, spec.input_shape, **{k: v for k, v in cfg.npg.items() if k != "kind"})  # validate
+    _resolve_npg(cfg, spec.input_shape, base_noise)
+    _check_target(cfg)
+    if cfg.threads is not None and int(cfg.threads) < 1:
+        raise ValueError(f"threads must be >= 1, got {cfg.threads}")
+    return cfg
+
+
+def _resolve_npg(cfg: TrainConfig, input_shape, base_noise: Noise) -> None:
+    """Fill in the NPG's (or shift's) defaults and build it once to check its parameters."""
+    if cfg.npg is None:
+        return
+    npg = dict(cfg.npg)
+    kind = str(npg.pop("kind", "")).replace("-", "_")
+    if kind not in GENERATORS and kind not in SHIFTS:
+        raise ValueError(f"unknown NPG kind {kind!r}; known: {', '.join([*GENERATORS, *SHIFTS])}")
+    cfg.npg = {"kind": kind, **{k: v for k, v in _npg_defaults(kind, cfg.dataset, base_noise).items()}, **npg}
+    if kind == "lipschitz_shift":
+        norm = parse_norm(cfg.npg["norm"])
+        cfg.npg["norm"] = "inf" if math.isinf(norm) else int(norm)
+    build = make_shift if kind in SHIFTS else make_generator
+    build(kind, input_shape, **{k: v for k, v in cfg.npg.items() if k != "kind"})  # validate
+
+
+def _check_target(cfg: TrainConfig) -> None:
+    """The options that belong to one target only."""
     shift_kind = cfg.npg is not None and cfg.npg["kind"] in SHIFTS
     if cfg.target == "classifier":
         if cfg.npg is not None and cfg.npg["kind"] != "pattern":
@@ -188,9 +202,6 @@ def resolve_config(config: TrainConfig | dict) -> TrainConfig:
         if (cfg.npg["kind"] == "pattern" and not cfg.npg.get("trainable") and not cfg.joint):
             raise ValueError("nothing to train: a hand-set pattern with a frozen classifier has no parameters; "
                              "pass --joint (fine-tune the classifier under the pattern) or --train-pattern")
-    if cfg.threads is not None and int(cfg.threads) < 1:
-        raise ValueError(f"threads must be >= 1, got {cfg.threads}")
-    return cfg
 
 
 def describe_training_noise(cfg: TrainConfig) -> dict:

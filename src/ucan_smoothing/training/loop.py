@@ -3,7 +3,7 @@
 Two targets (``ucan train classifier ...`` / ``ucan train npg ...``):
 
 * ``classifier``: noise-augmented training (Cohen et al. 2019): every batch is
-  ``x + noise`` with noise of any family of :mod:`ucan_smoothing.noises`,
+  ``x + noise`` with noise of any family of :mod:`ucan_smoothing.core.noises`,
   isotropic, or anisotropic with the fixed ``sigma`` of a pattern-fixed NPG
   (``--kind pattern``) or of a trained NPG (``--npg-checkpoint``); loss =
   cross-entropy.
@@ -34,8 +34,8 @@ runs DistributedDataParallel (gloo on CPU, nccl on CUDA); ``--batch-size`` is
 the global batch, split over the processes; only rank 0 writes files.
 
 Python API: :func:`train_classifier`, :func:`train_generator` (both return the
-run folder), :func:`train` (either), :func:`load_trained` (a checkpoint back
-as model + noise, with checks).
+run folder), :func:`train` (either), and :func:`ucan_smoothing.runs.load_trained`
+(a checkpoint back as model + noise, with checks).
 """
 
 from __future__ import annotations
@@ -514,7 +514,7 @@ def train(config: TrainConfig | dict | None = None, *, command: str | None = Non
     values.update(options)
     cfg = resolve_config(values)
     if command is None:
-        command = "python API: ucan_smoothing.train.train(" + ", ".join(
+        command = "python API: ucan_smoothing.training.train(" + ", ".join(
             f"{k}={v!r}" for k, v in values.items()) + ")"
     context = init_distributed(cfg.device)
     threads = torch.get_num_threads()
