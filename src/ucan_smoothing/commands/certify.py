@@ -93,17 +93,10 @@ def _sequential_certificate(smooth, x, args, generator) -> Certificate:
     ), decision
 
 
-def _check_paper_mode(trained, args) -> bool:
-    """True for a paper-mode run; refuses an input-dependent NPG without --paper-mode and the reverse."""
-    input_dependent = trained.generator is not None and trained.generator.input_dependent
+def _check_mode(trained, args) -> bool:
+    """True for a paper-mode run; refuses the combinations with the sequential mode that are not proven.
+    (An input-dependent NPG without --paper-mode, and the reverse, are refused by ``trained.smoothed``.)"""
     paper_mode = getattr(args, "paper_mode", False)
-    if input_dependent and not paper_mode:
-        raise ValueError("this run's generator computes sigma and mu from the input being certified: its "
-                         "certificate is not sound (DESIGN.md section 4). Pass --paper-mode to reproduce the "
-                         "paper's figures, labelled is_certificate=false, or use a sound mode of "
-                         "ucan_smoothing.npg")
-    if paper_mode and not input_dependent:
-        raise ValueError("--paper-mode is only for runs with an input-dependent generator")
     if paper_mode and args.radius is not None:
         raise ValueError("--paper-mode cannot be combined with the sequential mode (--radius)")
     if getattr(trained.shift, "clean_input", False) and args.radius is not None:
@@ -124,10 +117,10 @@ def _certify(args, context) -> int:
     run_path = Path(args.run)
     trained = load_trained(run_path, expected_dataset=args.dataset)
     dataset_name = args.dataset or trained.meta["dataset"]
-    paper_mode = _check_paper_mode(trained, args)
-    noise = trained.base_noise if paper_mode else trained.noise()
+    paper_mode = _check_mode(trained, args)
     smooth = trained.smoothed(context.device, paper_mode=paper_mode, channels_last=args.channels_last,
                               amp=args.amp)
+    noise = trained.base_noise if paper_mode else trained.noise()
     is_certificate = noise.is_certificate and not paper_mode
     sequential = args.radius is not None
     if sequential:
