@@ -413,13 +413,14 @@ def _sigma_png(source, workdir: Path, title: str) -> Path:
     import torch
 
     from .figures import save_sigma_png
+    from .models import load_torch_file
 
     mu = images = None
-    tensor = torch.load(source, map_location="cpu") if isinstance(source, Path) else source
+    tensor = load_torch_file(source) if isinstance(source, Path) else source
     if isinstance(tensor, dict):  # sigma_examples.pt of an input-dependent NPG
         tensor, mu, images = tensor["sigma"], tensor.get("mu"), tensor.get("x")
     if isinstance(source, Path) and source.name == "sigma.pt" and (source.parent / "mu.pt").is_file():
-        mu = torch.load(source.parent / "mu.pt", map_location="cpu")
+        mu = load_torch_file(source.parent / "mu.pt")
     if not isinstance(tensor, torch.Tensor) or tensor.dim() not in (3, 4):
         raise ValueError(f"{title}: expected a sigma tensor of shape (C, H, W) or (B, C, H, W)")
     out = workdir / f"sigma_{len(list(workdir.iterdir()))}.png"

@@ -298,7 +298,7 @@ def load_state_dict_file(module: nn.Module, path: str | os.PathLike) -> nn.Modul
     ``"model"``; a leading ``"module."`` (DataParallel) or ``"1.module."``
     (Cohen et al.'s normalise-then-network checkpoints) prefix is removed.
     """
-    state = _torch_load(path)
+    state = load_torch_file(path)
     if isinstance(state, dict):
         for key in ("state_dict", "model"):
             if isinstance(state.get(key), dict):
@@ -322,7 +322,9 @@ def load_state_dict_file(module: nn.Module, path: str | os.PathLike) -> nn.Modul
     return module
 
 
-def _torch_load(path: str | os.PathLike, mmap: bool = False):
+def load_torch_file(path: str | os.PathLike, mmap: bool = False):
+    """The object saved in ``path``, read with ``weights_only=True`` (tensors, dicts, numbers: never
+    pickled code); a missing file raises FileNotFoundError, an unreadable one ValueError naming it."""
     path = os.fspath(path)
     if not os.path.isfile(path):
         raise FileNotFoundError(f"no such file: {path!r}")
@@ -400,7 +402,7 @@ def save_checkpoint(path: str | os.PathLike, model: nn.Module, *, model_name: st
 
 
 def _checkpoint_payload(path: str, mmap: bool = False) -> dict:
-    payload = _torch_load(path, mmap=mmap)
+    payload = load_torch_file(path, mmap=mmap)
     if not isinstance(payload, dict) or payload.get("format") != CHECKPOINT_FORMAT:
         raise ValueError(f"{path!r} is not a ucan_smoothing checkpoint (no {CHECKPOINT_FORMAT!r} header)")
     if payload.get("version") != CHECKPOINT_VERSION:

@@ -56,7 +56,7 @@ from tqdm.auto import tqdm
 from ..data import load_dataset
 from ..distributed import DistContext, cleanup, init_distributed
 from ..figures import save_sigma_png
-from ..models import build_model, model_spec, save_checkpoint
+from ..models import build_model, load_torch_file, model_spec, save_checkpoint
 from ..core.noises import make_noise
 from ..npg.generators import make_generator, sigma_stats
 from ..npg.shifts import SHIFTS, make_shift
@@ -233,7 +233,7 @@ class _Run:
 
     def _resume(self) -> None:
         path = self.out / LAST
-        payload = torch.load(path, map_location="cpu", weights_only=True)
+        payload = load_torch_file(path)
         extra = payload["extra"]
         saved = TrainConfig.from_dict(extra["config"])
         differences = config_differences(saved, self.cfg)
