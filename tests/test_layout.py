@@ -23,9 +23,9 @@ NAME = "ucan_smoothing"
 #: layer of each top-level room, from the bottom up
 LAYERS = {
     "fileio": 0, "core": 0, "distributed": 0,
-    "data": 1, "models": 1, "results": 1, "figures": 1,
+    "data": 1, "models": 1, "published": 1, "results": 1, "figures": 1,
     "npg": 2,
-    "runs": 3,
+    "runs": 3, "contract": 3,
     "attack": 4, "analysis": 4, "training": 4,
     "commands": 5, "cli": 5,
 }
