@@ -41,9 +41,10 @@ def make_row(idx, label, predict, l1, l2, linf, alm, seconds, is_certificate=Tru
 
 
 def write_file(path, rows, schema=RESULT_SCHEMA):
+    """``rows`` as a result file; keys the schema lacks are dropped (rows may carry optional columns)."""
     with ResultWriter(path, {"test": str(path)}, schema=schema) as writer:
         for row in rows:
-            writer.write(row)
+            writer.write({name: row[name] for name in schema.names})
     return path
 
 
@@ -155,7 +156,8 @@ def test_cohen_format_gives_its_native_radius_only(cohen_file):
 
 
 def test_sequential_files_report_samples_used(tmp_path):
-    rows = [{**make_row(i, *values), "mode": "sequential-cp", "decided_radius": 0.25, "samples_used": samples}
+    rows = [{**make_row(i, *values), "mode": "sequential-cp", "decided_radius": 0.25, "certified": values[3] >= 0.25,
+             "samples_used": samples}
             for i, (values, samples) in enumerate(zip(ROWS, (200, 400, 600, 800, 1000)))]
     path = write_file(tmp_path / "seq.tsv", rows, RESULT_SCHEMA.with_columns(*SEQUENTIAL_COLUMNS))
     (row,) = summarize([path])
@@ -210,3 +212,121 @@ def test_clear_errors(ucan_file, tmp_path, capsys):
         summarize([empty])
     with pytest.raises(ValueError, match="one label per file"):
         summarize([ucan_file], labels=["a", "b"])
+
+
+# -- what the plot draws: panels, title, legend, the Clopper-Pearson cap, the images band -----------------
+
+def draw(sources, **options):
+    figure = analyze.certified_accuracy_figure(sources, **options)
+    titles = [ax.get_title() for ax in figure.axes]
+    legend = [text.get_text() for text in figure.legends[0].get_texts()]
+    return figure, titles, legend
+
+
+def test_only_panels_some_file_reports(ucan_file, cohen_file):
+    figure, titles, _ = draw([cohen_file])
+    assert titles == ["certified accuracy, l2 norm"]  # no empty l1, l_inf or ALM panels
+    plt.close(figure)
+    figure, titles, _ = draw([cohen_file], cohen_norm="linf")
+    assert titles == ["certified accuracy, l_inf norm"]
+    plt.close(figure)
+    figure, titles, _ = draw([cohen_file, ucan_file])
+    assert len(titles) == 4 and titles[3].startswith("ALM: volume-equivalent radius, NOT a certified radius")
+    plt.close(figure)
+
+
+def test_title_says_dashed_only_when_something_is_dashed(ucan_file, paper_file):
+    figure, _, legend = draw([ucan_file])
+    assert figure.get_suptitle() == "Certified accuracy against radius"
+    assert not any(NOT_CERTIFICATE in text for text in legend)
+    plt.close(figure)
+    figure, _, legend = draw([ucan_file, paper_file])
+    assert "dashed: not a certificate" in figure.get_suptitle()
+    assert [text for text in legend if NOT_CERTIFICATE in text] == [
+        "paper: n = 1,000, alpha = 0.001, 5 images (no image reached the CP cap): " + NOT_CERTIFICATE]
+    plt.close(figure)
+
+
+def test_the_clopper_pearson_cap_is_drawn_where_n_samples_stop(tmp_path):
+    p_cap = 0.001 ** (1 / 1000)  # all 1,000 votes for one class
+    rows = [make_row(i, *values) for i, values in enumerate(ROWS)]
+    rows[1].update(p_lower=p_cap, radius_l1=1.2, radius_l2=1.2, radius_linf=0.05, alm=1.6)  # all votes agreed
+    (method,) = analyze.load_methods({"iso": rows})
+    assert analyze.clopper_pearson_cap(method, "l2") == 1.2
+    assert analyze.clopper_pearson_cap(method, "linf") == 0.05
+    figure, titles, legend = draw({"iso": rows})
+    assert "iso: n = 1,000, alpha = 0.001, 5 images" in legend
+    assert any(text.startswith("iso: CP cap at n=1,000") for text in legend)
+    for ax, cap in zip(figure.axes, (1.2, 1.2, 0.05, 1.6)):
+        dotted = [line for line in ax.lines if line.get_linestyle() == ":"]
+        assert len(dotted) == 1 and set(dotted[0].get_xdata()) == {cap}
+    plt.close(figure)
+    # No image reached the cap: nothing to draw, and the legend says why.
+    figure, _, legend = draw({"weak": [make_row(i, *values) for i, values in enumerate(ROWS)]})
+    assert not any(line.get_linestyle() == ":" for ax in figure.axes for line in ax.lines)
+    assert "weak: n = 1,000, alpha = 0.001, 5 images (no image reached the CP cap)" in legend
+    plt.close(figure)
+
+
+def test_no_cap_without_a_single_n(tmp_path, cohen_file):
+    rows = [{**make_row(i, *values), "p_lower": 0.001 ** (1 / 1000), "mode": "sequential-cp",
+             "decided_radius": 0.25, "samples_used": 1000} for i, values in enumerate(ROWS)]
+    mixed = [make_row(i, *values) for i, values in enumerate(ROWS)]
+    mixed[0]["n"] = 2000
+    figure, _, legend = draw({"seq": rows, "mixed": mixed, "cohen": cohen_file})
+    assert not any(line.get_linestyle() == ":" for ax in figure.axes for line in ax.lines)
+    assert any(text.startswith("seq: sequential") and "no single n: no CP cap" in text for text in legend)
+    assert any(text.startswith("mixed: n, alpha vary") for text in legend)
+    assert "cohen: 4 images (Cohen format: n, alpha not recorded; no CP cap)" in legend
+    plt.close(figure)
+
+
+def test_image_band_is_clopper_pearson_over_the_images(ucan_file):
+    from scipy.stats import beta
+
+    lower, upper = analyze.image_band([0.0, 0.5, 1.0], images=10, alpha=0.05)
+    assert lower[0] == 0 and upper[2] == 1
+    assert lower[1] == pytest.approx(beta.ppf(0.025, 5, 6)) and upper[1] == pytest.approx(beta.ppf(0.975, 6, 5))
+    assert upper[0] == pytest.approx(1 - 0.025 ** (1 / 10)) and lower[2] == pytest.approx(0.025 ** (1 / 10))
+    figure, _, legend = draw([ucan_file])
+    assert all(len(ax.collections) == 1 for ax in figure.axes)  # one shaded band per curve
+    assert any("95% band over the choice of test images" in text and "not a certificate" in text for text in legend)
+    plt.close(figure)
+    figure, _, legend = draw([ucan_file], band_alpha=None)
+    assert all(not ax.collections for ax in figure.axes) and not any("band" in text for text in legend)
+    plt.close(figure)
+
+
+# -- analysis.json: what an analysis used ------------------------------------------------------------------
+
+def test_cli_records_what_it_used(ucan_file, cohen_file, tmp_path, monkeypatch):
+    import json
+
+    from ucan_smoothing.fileio import file_sha256
+
+    out = tmp_path / "report"
+    argv = ["analyze", str(ucan_file), str(cohen_file), "--label", "fixed", "--label", "cohen",
+            "--radii-linf", "0.01", "0", "--out", str(out)]
+    monkeypatch.setattr("sys.argv", ["ucan", *argv])
+    assert main(argv) == 0
+    record = json.loads((out / "analysis.json").read_text())
+    assert record["command"] == "ucan " + " ".join(argv)
+    assert record["labels"] == ["fixed", "cohen"]
+    assert record["radii"]["linf"] == [0.0, 0.01] and record["radii"]["l2"] == list(analyze.DEFAULT_RADII["l2"])
+    fixed, cohen = record["inputs"]
+    assert fixed["path"] == str(ucan_file) and fixed["sha256"] == file_sha256(ucan_file)
+    assert fixed["sidecar"]["config"] == {"test": str(ucan_file)} and fixed["images"] == 5
+    assert cohen["sha256"] == file_sha256(cohen_file) and cohen["sidecar"] is None
+    assert "radius read as l2" in cohen["format"]
+    versions = record["environment"]
+    assert versions["numpy"] and versions["scipy"] and versions["matplotlib"] and versions["python"]
+    assert set(record["outputs"]) == {str(out / name) for name in ("summary.md", "summary.csv",
+                                                                   "certified_accuracy.png")}
+    assert not list(out.glob(".*.tmp"))  # written atomically: no temporary file left
+
+
+def test_a_missing_sigma_map_is_refused_before_anything_is_written(ucan_file, tmp_path, capsys):
+    out = tmp_path / "report"
+    assert main(["analyze", str(ucan_file), "--sigma", str(tmp_path / "no-run"), "--out", str(out)]) == 2
+    assert "no sigma map at" in capsys.readouterr().err
+    assert not out.exists()

@@ -21,8 +21,19 @@ that mixes both kinds is refused. Cohen's six-column files carry only the
 native ``radius``: it is read as a radius in ``cohen_norm`` (default l2, what
 Cohen et al.'s Gaussian code certifies) and the other norms and ALM are n/a.
 
+The plot has one panel per norm some file reports (and the ALM panel only
+when some file has ALM). Each method's legend entry gives ``n``, ``alpha``
+and the number of images; a dotted vertical line marks its Clopper-Pearson
+cap (:func:`clopper_pearson_cap`: the radius at which its curve must drop to
+0 whatever the model, because ``n`` samples cannot give a larger
+``p_lower``), and a shaded band the uncertainty over the choice of test
+images (:func:`image_band`; not a certificate).
+
 Python API: :func:`load_methods`, :func:`summarize`, :func:`markdown_table`,
-:func:`write_csv`, :func:`plot_certified_accuracy`, :func:`plot_sigma_maps`.
+:func:`write_csv`, :func:`plot_certified_accuracy` (or
+:func:`certified_accuracy_figure` for the figure itself),
+:func:`plot_sigma_maps`, :func:`analysis_record` (what ``ucan analyze``
+records in ``analysis.json``).
 """
 
 from __future__ import annotations
@@ -34,11 +45,14 @@ import os
 import tempfile
 from collections.abc import Mapping
 from dataclasses import dataclass
+from importlib import metadata
 from pathlib import Path
 
 import numpy as np
 
-from .results import ResultFileError, read_results
+from .core.statistics import clopper_pearson_lower, clopper_pearson_upper
+from .fileio import atomic_open, atomic_write_text, file_sha256
+from .results import ResultFileError, read_results, read_sidecar, run_environment, sidecar_path
 
 NORMS = ("l1", "l2", "linf")
 #: what each norm is called in tables and plots
@@ -80,6 +94,7 @@ class Method:
     kind: str  # "ucan", "sequential" or "cohen"
     is_certificate: bool | None  # None: the file does not say (Cohen format)
     cohen_norm: str = "l2"
+    sha256: str | None = None  # of the file as it was read (None for rows)
 
     @property
     def guarantee(self) -> str:
@@ -89,14 +104,24 @@ class Method:
 
     def radii(self, norm: str):
         """Per-row radii in ``norm`` (or ALM), 0 where the prediction is wrong; None if the file lacks them."""
-        if self.kind == "cohen":
-            column = "radius" if norm == self.cohen_norm else None
-        else:
-            column = "alm" if norm == "alm" else f"radius_{norm}"
+        column = self._column(norm)
         if column is None:
             return None
         # A certified radius around a wrong prediction certifies nothing useful: count 0.
         return np.array([row[column] if row["correct"] == 1 else 0.0 for row in self.rows], dtype=float)
+
+    def _column(self, norm: str) -> str | None:
+        if self.kind == "cohen":
+            return "radius" if norm == self.cohen_norm else None
+        return "alm" if norm == "alm" else f"radius_{norm}"
+
+    def sampling(self) -> tuple | None:
+        """``(n, alpha)`` when every row of a ``ucan certify`` file used the same; None otherwise
+        (Cohen format: not recorded; sequential: ``n`` is a budget, each image stops on its own)."""
+        if self.kind != "ucan" or not {"n", "alpha"} <= set(self.rows[0]):
+            return None
+        pairs = {(row["n"], row["alpha"]) for row in self.rows}
+        return pairs.pop() if len(pairs) == 1 else None
 
 
 def _check_rows(rows, where: str) -> None:
@@ -114,15 +139,16 @@ def load_method(source, label: str | None = None, cohen_norm: str = "l2") -> Met
         raise ValueError(f"cohen_norm must be one of {', '.join(NORMS)}, got {cohen_norm!r}")
     if isinstance(source, (str, os.PathLike)):
         where = str(source)
+        digest = file_sha256(source)  # just before reading: the record names what was analysed
         rows = read_results(source)
         label = label or Path(source).stem
     else:
-        where = "<rows>"
+        where, digest = "<rows>", None
         rows = list(source)
         label = label or "method"
     _check_rows(rows, where)
     if "radius_l2" not in rows[0]:
-        return Method(label, rows, where, "cohen", None, cohen_norm)
+        return Method(label, rows, where, "cohen", None, cohen_norm, digest)
     flags = {row["is_certificate"] for row in rows}
     if len(flags) > 1:
         count = sum(1 for row in rows if not row["is_certificate"])
@@ -131,7 +157,7 @@ def load_method(source, label: str | None = None, cohen_norm: str = "l2") -> Met
             "(is_certificate false); analyse them as separate files so no figure blends the two"
         )
     kind = "sequential" if "samples_used" in rows[0] else "ucan"
-    return Method(label, rows, where, kind, flags.pop(), cohen_norm)
+    return Method(label, rows, where, kind, flags.pop(), cohen_norm, digest)
 
 
 def load_methods(sources, labels=None, cohen_norm: str = "l2") -> list:
@@ -316,7 +342,7 @@ def write_csv(summary: list, path) -> Path:
     for row in summary:
         writer.writerow({key: "" if row.get(key) is None else row[key] for key in headers})
     path = Path(path)
-    path.write_text(buffer.getvalue(), encoding="utf-8")
+    atomic_write_text(path, buffer.getvalue())
     return path
 
 
@@ -342,74 +368,191 @@ def certified_accuracy_curve(method: Method, norm: str, grid) -> np.ndarray | No
     return np.array([(certified >= r).sum() for r in grid], dtype=float) / len(method.rows)
 
 
-def plot_certified_accuracy(results_by_label, path, radii=None, cohen_norm: str = "l2") -> Path:
-    """Certified accuracy against radius: one panel per norm and one for ALM, one curve per method.
+#: legend entry of the images band (:func:`image_band`); ``{level}`` is its confidence in percent
+BAND_LABEL = "shaded: {level:g}% band over the choice of test images (pointwise Clopper-Pearson; not a certificate)"
+
+
+def clopper_pearson_cap(method: Method, norm: str) -> float | None:
+    """The largest radius in ``norm`` (or ALM) that ``method``'s ``n`` samples can certify.
+
+    Even when all ``n`` noisy samples vote for one class, ``p_lower`` is only
+    ``clopper_pearson_lower(n, n, alpha)`` (``= alpha^(1/n)``), so no image
+    certifies beyond the radius at that ``p_lower`` and the certified accuracy
+    falls to 0 there, however robust the model (1.23 in l2 for Gaussian noise
+    of scale 0.5 at n = 1,000, alpha = 0.001). Read from the data: the largest
+    radius among the rows that reached that ``p_lower``. For a fixed noise (an
+    isotropic family, a universal or pattern NPG) they all share one radius, the
+    exact cap; for input-dependent noise each image has its own cap and this is
+    the largest one reached. None when the file has no single ``n`` and
+    ``alpha`` (Cohen format, sequential files), no ``norm`` column, or no image
+    reached the cap (then its curve shows no cliff there either).
+    """
+    sampling = method.sampling()
+    column = method._column(norm)
+    if sampling is None or column is None:
+        return None
+    p_cap = clopper_pearson_lower(sampling[0], sampling[0], sampling[1])
+    at_cap = [row[column] for row in method.rows if math.isclose(row["p_lower"], p_cap, rel_tol=1e-10)]
+    return max(at_cap) if at_cap else None
+
+
+def image_band(curve, images: int, alpha: float = 0.05) -> tuple:
+    """Pointwise two-sided ``1 - alpha`` Clopper-Pearson bounds on each certified accuracy of ``curve``.
+
+    A certified accuracy is the fraction of ``images`` test images certified
+    correct: a binomial proportion if the images are a random sample, so this
+    band is the uncertainty from the choice of images about the accuracy on
+    the whole distribution (Cohen et al. 2019 make the same point). It is not a
+    certificate and ignores the (alpha-level) chance that a certification is wrong.
+    """
+    counts = np.rint(np.asarray(curve) * images).astype(int)
+    bounds = {k: (clopper_pearson_lower(k, images, alpha / 2), clopper_pearson_upper(k, images, alpha / 2))
+              for k in np.unique(counts).tolist()}  # a curve takes few distinct values
+    lower = np.array([bounds[k][0] for k in counts.tolist()])
+    upper = np.array([bounds[k][1] for k in counts.tolist()])
+    return lower, upper
+
+
+def _legend_label(method: Method, cap_drawn: bool) -> str:
+    """The method's name, what it sampled and on how many images (and whether it is a certificate)."""
+    images = f"{len(method.rows):,} images"
+    sampling = method.sampling()
+    if method.kind == "cohen":
+        text = f"{method.label}: {images} (Cohen format: n, alpha not recorded; no CP cap)"
+    elif method.kind == "sequential":
+        alphas = _unique(method.rows, "alpha")
+        most = max(row["samples_used"] for row in method.rows)
+        text = (f"{method.label}: sequential, up to {most:,} samples, alpha = {alphas}, {images} "
+                "(no single n: no CP cap drawn)")
+    elif sampling is None:
+        text = f"{method.label}: n, alpha vary between rows, {images} (no CP cap drawn)"
+    else:
+        n, alpha = sampling
+        text = f"{method.label}: n = {n:,}, alpha = {alpha:g}, {images}"
+        if not cap_drawn:
+            text += " (no image reached the CP cap)"
+    if method.is_certificate is False:
+        text += f": {NOT_CERTIFICATE}"
+    return text
+
+
+def plotted_panels(methods) -> list:
+    """The panels of the plot: the norms some method reports, then ``"alm"`` if some method has ALM."""
+    return [norm for norm in (*NORMS, "alm") if any(m.radii(norm) is not None for m in methods)]
+
+
+def _label_axes(ax, norm: str) -> None:
+    if norm == "alm":
+        ax.set_title("ALM: volume-equivalent radius, NOT a certified radius\n"
+                     "(a perturbation smaller than ALM may change the prediction)", color="darkred", fontsize=11)
+        ax.set_xlabel("ALM threshold r (not a certified radius)")
+        ax.set_ylabel("fraction correct with ALM >= r")
+    else:
+        ax.set_title(f"certified accuracy, {DISPLAY[norm]} norm", fontsize=11)
+        ax.set_xlabel(f"{DISPLAY[norm]} radius r")
+        ax.set_ylabel("certified accuracy (correct, radius >= r)")
+    ax.set_ylim(0, 1.02)
+    ax.set_xlim(left=0)
+    ax.grid(alpha=0.3)
+
+
+def _draw_method(ax, method: Method, norm: str, grid, label: str, colour, band_alpha, legend: dict) -> None:
+    """One method's curve in one panel, its image band and its Clopper-Pearson cap line."""
+    curve = certified_accuracy_curve(method, norm, grid)
+    if curve is None:
+        return
+    dashed = method.is_certificate is False
+    (line,) = ax.plot(grid, curve, linestyle="--" if dashed else "-", color=colour, label=label, linewidth=1.8)
+    legend.setdefault(label, line)
+    if band_alpha is not None:
+        lower, upper = image_band(curve, len(method.rows), band_alpha)
+        ax.fill_between(grid, lower, upper, color=colour, alpha=0.12, linewidth=0)
+    cap = clopper_pearson_cap(method, norm)
+    if cap is not None:
+        cap_label = f"{method.label}: CP cap at n={method.sampling()[0]:,} (the most n samples can certify)"
+        legend.setdefault(cap_label, ax.axvline(cap, linestyle=":", color=colour, linewidth=1.5, label=cap_label))
+
+
+def certified_accuracy_figure(results_by_label, radii=None, cohen_norm: str = "l2", band_alpha: float | None = 0.05):
+    """The matplotlib figure of :func:`plot_certified_accuracy` (close it with ``plt.close``)."""
+    plt = _pyplot()
+    from matplotlib.patches import Patch
+
+    methods = load_methods(results_by_label, cohen_norm=cohen_norm)
+    radii = resolve_radii(radii)
+    panels = plotted_panels(methods)
+    has_cap = [any(clopper_pearson_cap(m, norm) is not None for norm in panels) for m in methods]
+    labels = [_legend_label(m, capped) for m, capped in zip(methods, has_cap)]
+    columns = 1 if len(panels) == 1 else 2
+    entries = len(methods) + sum(has_cap) + (band_alpha is not None)
+    legend_columns = 1 if entries <= 6 else columns  # long labels: one column while it fits
+    legend_inches = 0.2 * -(-entries // legend_columns) + 0.3
+    rows = -(-len(panels) // columns)
+    fig, axes = plt.subplots(rows, columns, squeeze=False,
+                             figsize=(12 if columns == 2 else 9, 4.5 * rows + legend_inches))
+    for ax in axes.flat[len(panels):]:
+        fig.delaxes(ax)
+    colours = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    legend = {}  # label -> handle: one legend for all panels, below them, so it hides no curve
+    for ax, norm in zip(axes.flat, panels):
+        largest = max([radii[norm][-1]] + [float(v.max()) for m in methods if (v := m.radii(norm)) is not None])
+        grid = np.unique(np.concatenate([np.linspace(0, largest * 1.05 or 1.0, 600), radii[norm]]))
+        for i, (method, label) in enumerate(zip(methods, labels)):
+            _draw_method(ax, method, norm, grid, label, colours[i % len(colours)], band_alpha, legend)
+        _label_axes(ax, norm)
+    if band_alpha is not None:
+        legend[BAND_LABEL.format(level=100 * (1 - band_alpha))] = Patch(color="grey", alpha=0.3)
+    fig.legend(list(legend.values()), list(legend), loc="lower center", ncol=legend_columns, fontsize=9,
+               frameon=False)
+    dashed = any(m.is_certificate is False for m in methods)
+    fig.suptitle("Certified accuracy against radius" + (" (dashed: not a certificate)" if dashed else ""), fontsize=13)
+    fig.tight_layout(rect=(0, legend_inches / fig.get_figheight(), 1, 1))
+    return fig
+
+
+def plot_certified_accuracy(results_by_label, path, radii=None, cohen_norm: str = "l2",
+                            band_alpha: float | None = 0.05) -> Path:
+    """Certified accuracy against radius: one panel per norm (and ALM) some method reports, one curve per method.
 
     ``results_by_label``: a mapping label -> path or rows, or a list of paths,
     rows or :class:`Method` objects. Non-certificate methods are dashed and
     labelled. Each panel's x axis reaches the largest of its table radii and
-    of the methods' radii, so no curve is cut off.
+    of the methods' radii, so no curve is cut off. A dotted line marks each
+    method's Clopper-Pearson cap (:func:`clopper_pearson_cap`); the shaded
+    band is :func:`image_band` at ``band_alpha`` (None: no band).
     """
     plt = _pyplot()
-    methods = load_methods(results_by_label, cohen_norm=cohen_norm)
-    radii = resolve_radii(radii)
-    fig, axes = plt.subplots(2, 2, figsize=(12, 9))
-    colours = plt.rcParams["axes.prop_cycle"].by_key()["color"]
-    legend = {}  # label -> line: one legend for all panels, below them, so it hides no curve
-    for ax, norm in zip(axes.flat, (*NORMS, "alm")):
-        largest = max([radii[norm][-1]] + [float(v.max()) for m in methods if (v := m.radii(norm)) is not None])
-        grid = np.unique(np.concatenate([np.linspace(0, largest * 1.05 or 1.0, 600), radii[norm]]))
-        drawn = 0
-        for i, method in enumerate(methods):
-            curve = certified_accuracy_curve(method, norm, grid)
-            if curve is None:
-                continue
-            dashed = method.is_certificate is False
-            label = method.label + (f": {NOT_CERTIFICATE}" if dashed else "")
-            (line,) = ax.plot(grid, curve, linestyle="--" if dashed else "-", color=colours[i % len(colours)],
-                              label=label, linewidth=1.8)
-            legend.setdefault(label, line)
-            drawn += 1
-        if norm == "alm":
-            ax.set_title("ALM: volume-equivalent radius, NOT a certified radius\n"
-                         "(a perturbation smaller than ALM may change the prediction)", color="darkred", fontsize=11)
-            ax.set_xlabel("ALM threshold r (not a certified radius)")
-            ax.set_ylabel("fraction correct with ALM >= r")
-        else:
-            ax.set_title(f"certified accuracy, {DISPLAY[norm]} norm", fontsize=11)
-            ax.set_xlabel(f"{DISPLAY[norm]} radius r")
-            ax.set_ylabel("certified accuracy (correct, radius >= r)")
-        ax.set_ylim(0, 1.02)
-        ax.set_xlim(left=0)
-        ax.grid(alpha=0.3)
-        if not drawn:
-            ax.text(0.5, 0.5, "no method reports this norm", ha="center", va="center", transform=ax.transAxes)
-    rows = -(-len(legend) // 2)
-    fig.legend(list(legend.values()), list(legend), loc="lower center", ncol=2, fontsize=9, frameon=False)
-    fig.suptitle("Certified accuracy against radius (dashed: not a certificate)", fontsize=13)
-    fig.tight_layout(rect=(0, min(0.3, 0.025 * rows + 0.01), 1, 1))
+    fig = certified_accuracy_figure(results_by_label, radii, cohen_norm, band_alpha)
     path = Path(path)
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    try:
+        with atomic_open(path, "wb") as handle:
+            fig.savefig(handle, format="png", dpi=100)
+    finally:
+        plt.close(fig)
     return path
+
+
+def sigma_file(source: str | os.PathLike) -> Path:
+    """The file a sigma map is drawn from: ``source`` itself, or in a run folder its
+    ``sigma.png`` (already rendered by training), else ``sigma.pt``, else ``sigma_examples.pt``."""
+    source = Path(source)
+    if source.is_dir():
+        for name in ("sigma.png", "sigma.pt", "sigma_examples.pt"):
+            if (source / name).is_file():
+                return source / name
+        raise FileNotFoundError(
+            f"{source} has no sigma.png, sigma.pt or sigma_examples.pt (an isotropic run has no sigma map)")
+    if not source.is_file():
+        raise FileNotFoundError(f"no sigma map at {source}")
+    return source
 
 
 def _sigma_png(source, workdir: Path, title: str) -> Path:
     """A sigma-map PNG for a run folder, a .pt file or a tensor (rendered by figures.save_sigma_png)."""
     if isinstance(source, (str, os.PathLike)):
-        source = Path(source)
-        if source.is_dir():
-            if (source / "sigma.png").is_file():  # training already rendered it
-                return source / "sigma.png"
-            for name in ("sigma.pt", "sigma_examples.pt"):
-                if (source / name).is_file():
-                    source = source / name
-                    break
-            else:
-                raise FileNotFoundError(
-                    f"{source} has no sigma.png, sigma.pt or sigma_examples.pt (an isotropic run has no sigma map)")
-        elif not source.is_file():
-            raise FileNotFoundError(f"no sigma map at {source}")
+        source = sigma_file(source)
+        if source.suffix == ".png":
+            return source
     import torch
 
     from .figures import save_sigma_png
@@ -463,3 +606,53 @@ def plot_sigma_maps(sources, path, labels=None) -> Path:
     fig.savefig(path, dpi=100)
     plt.close(fig)
     return path
+
+
+# -- record -------------------------------------------------------------------------
+
+RECORD_FORMAT = "ucan-analysis-v1"
+
+
+def _input_record(method: Method) -> dict:
+    sidecar = None
+    if method.source != "<rows>" and sidecar_path(method.source).is_file():
+        try:
+            sidecar = read_sidecar(method.source)
+        except ResultFileError as error:  # the tables do not need it: say so rather than stop
+            sidecar = {"unreadable": str(error)}
+    return {"label": method.label, "path": method.source, "sha256": method.sha256, "format": _kind_text(method),
+            "images": len(method.rows), "sidecar": sidecar}
+
+
+def _sigma_record(source) -> dict:
+    if not isinstance(source, (str, os.PathLike)):
+        return {"path": "<tensor>", "sha256": None}
+    used = sigma_file(source)
+    record = {"path": str(source), "file": str(used), "sha256": file_sha256(used)}
+    if used.name == "sigma.pt" and (used.parent / "mu.pt").is_file():
+        record["mu_sha256"] = file_sha256(used.parent / "mu.pt")
+    return record
+
+
+def analysis_record(methods, radii=None, sigma=None, outputs=()) -> dict:
+    """What an analysis used, for ``analysis.json``: the command line, each input file's
+    path, SHA-256 and sidecar (config and the runs that wrote it), the labels and radii,
+    the sigma maps and the library versions.
+
+    ``methods``: :class:`Method` objects (their hashes were taken when they were read).
+    """
+    environment = run_environment()
+    try:
+        environment["matplotlib"] = metadata.version("matplotlib")
+    except metadata.PackageNotFoundError:  # pragma: no cover - a dependency
+        environment["matplotlib"] = None
+    return {
+        "format": RECORD_FORMAT,
+        "command": environment.pop("command"),
+        "environment": environment,
+        "inputs": [_input_record(m) for m in methods],
+        "labels": [m.label for m in methods],
+        "radii": resolve_radii(radii),
+        "sigma": [_sigma_record(s) for s in sigma or ()],
+        "outputs": [str(p) for p in outputs],
+    }
