@@ -9,6 +9,7 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 
 from ucan_smoothing.cli import main
 from ucan_smoothing.results import read_results, read_sidecar
@@ -134,7 +135,9 @@ def test_sequential_mode_writes_its_decision(run_dir, tmp_path):
     for row in rows:
         assert row["mode"] == "sequential-cp" and row["decided_radius"] == 0.25
         assert row["samples_used"] <= 32 + 2000
-        if row["radius_l2"] >= 0.25:  # certified at the asked radius
+        # the decision, and the certificate built from the stopping bound, agree
+        assert row["certified"] == (row["radius_l2"] >= 0.25)
+        if row["certified"]:
             assert row["predict"] != -1
     assert any(row["samples_used"] < 32 + 2000 for row in rows), "no image stopped early"
     # scripts/compare_sequential.py sets the decisions beside a fixed-n run of the same images
@@ -152,6 +155,67 @@ def test_sequential_mode_writes_its_decision(run_dir, tmp_path):
     assert main(certify_args(run_dir, other, "--n", "2000", "--alpha", "0.01")) == 0
     refused = subprocess.run([sys.executable, str(script), str(out), str(other)], capture_output=True, text=True)
     assert refused.returncode != 0 and "differ in alpha" in refused.stderr
+
+
+# Each bad command is refused with one line and exit status 2 before anything is written (no
+# progress bar either: these run without --no-progress), and the corrected command then works
+# on the same --out (before, a header-only file was left behind and the fix was refused).
+REFUSED = [
+    (["--alpha", "0"], [], "alpha must lie strictly between 0 and 1"),
+    (["--alpha", "1.5"], [], "alpha must lie strictly between 0 and 1"),
+    (["--n", "5"], [], "n=5 is too small to certify anything"),
+    (["--n", "0"], [], "--n must be >= 1"),
+    (["--n0", "0"], [], "--n0 must be >= 1"),
+    (["--batch-size", "0"], [], "--batch-size must be >= 1"),
+    (["--skip", "0"], [], "--skip must be >= 1"),
+    (["--max", "0"], [], "--max must be >= 1"),
+    (["--norm", "l2"], [], "--norm only applies with --radius"),
+    (["--radius", "0.25", "--norm", "l3"], ["--radius", "0.25", "--norm", "l2"], "unknown norm 'l3'"),
+    (["--radius", "-1"], ["--radius", "0.25"], "radius must be finite and > 0"),
+    (["--radius", "inf"], ["--radius", "0.25"], "radius must be finite and > 0"),
+    # Gaussian 0.25 reaches at most about 2 in l2, and 2 / sqrt(784) in linf
+    (["--radius", "5", "--norm", "l2"], ["--radius", "0.25", "--norm", "l2"], "radius 5.0 in l2 cannot be certified"),
+    (["--radius", "0.5", "--norm", "linf"], ["--radius", "0.01", "--norm", "linf"],
+     "radius 0.5 in linf cannot be certified"),
+    # reachable, but not with 100 samples
+    (["--radius", "0.5"], ["--radius", "0.5", "--n", "1000"], "--n=100 is too small to certify radius 0.5"),
+    (["--radius", "0.5", "--method", "betting"], ["--radius", "0.5", "--method", "betting", "--n", "1000"],
+     "--n=100 is too small to certify radius 0.5"),
+]
+
+
+def assert_refused_before_writing(capsys, args, folder, message):
+    assert main(args) == 2
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("ucan certify: error: ") and message in lines[0], lines
+    assert not folder.exists(), f"refused, yet {sorted(p.name for p in folder.iterdir())} written"
+
+
+@pytest.mark.parametrize("bad, good, message", REFUSED, ids=[" ".join(bad) for bad, _, _ in REFUSED])
+def test_bad_options_are_refused_before_anything_is_written(run_dir, tmp_path, capsys, bad, good, message):
+    folder = tmp_path / "results"
+    out = folder / "r.tsv"
+    small = ("--max", "1", "--n", "100")
+    command = [arg for arg in certify_args(run_dir, out, *small) if arg != "--no-progress"]
+    assert_refused_before_writing(capsys, [*command, *bad], folder, message)
+    assert main(certify_args(run_dir, out, *small, *good)) == 0
+    assert len(read_results(out)) == 1 and read_sidecar(out)["config"]["alpha"] == 0.001
+
+
+@pytest.mark.parametrize("images, message", [
+    ([], "the test split has no images to certify"),
+    ([(torch.zeros(1, 14, 14), 3)], "image 0 of the test split has shape (1, 14, 14) but the model takes (1, 28, 28)"),
+])
+def test_a_split_without_images_of_the_model_shape_is_refused(run_dir, tmp_path, capsys, monkeypatch, images,
+                                                               message):
+    import ucan_smoothing.commands.certify as certify
+
+    folder = tmp_path / "results"
+    out = folder / "r.tsv"
+    with monkeypatch.context() as patched:
+        patched.setattr(certify, "load_dataset", lambda *args: images)
+        assert_refused_before_writing(capsys, certify_args(run_dir, out), folder, message)
+    assert main(certify_args(run_dir, out, "--max", "1", "--n", "100")) == 0
 
 
 def test_two_processes_merge_into_the_single_process_file(run_dir, tmp_path):

@@ -131,7 +131,7 @@ def test_a_second_writer_on_the_same_file_is_refused(tmp_path):
 def test_extra_columns_for_a_later_mode(tmp_path):
     path = tmp_path / "out.tsv"
     schema = RESULT_SCHEMA.with_columns(*SEQUENTIAL_COLUMNS)
-    row = fake_row(0, mode="sequential", decided_radius=0.5, samples_used=1234)
+    row = fake_row(0, mode="sequential", decided_radius=0.5, certified=False, samples_used=1234)
     with ResultWriter(path, CONFIG, schema=schema) as writer:
         with pytest.raises(ValueError, match="missing"):
             writer.write(fake_row(1))

@@ -27,7 +27,8 @@ from tqdm.auto import tqdm
 
 from ..core.certificate import ABSTAIN, Certificate
 from ..core.norms import norm_name, parse_norm
-from ..core.sequential import certify_radius
+from ..core.sequential import DEFAULT_STAGES, certify_radius, check_budget, geometric_schedule, p_needed
+from ..core.statistics import check_alpha, check_can_certify, check_count
 from ..core.streams import image_generator
 from ..data import load_dataset
 from ..distributed import cleanup, init_distributed
@@ -105,6 +106,37 @@ def _check_mode(trained, args) -> bool:
     return paper_mode
 
 
+def _check_options(args) -> None:
+    """The options that need no file, checked before anything is loaded or written."""
+    check_alpha(args.alpha)
+    for name, value in (("--n0", args.n0), ("--n", args.n), ("--batch-size", args.batch_size), ("--skip", args.skip)):
+        check_count(name, value)
+    if args.max is not None:
+        check_count("--max", args.max)
+    if args.radius is None:
+        if args.norm is not None:
+            raise ValueError("--norm only applies with --radius (the sequential mode); without it every row has "
+                             "the certified radius in each norm (radius_l1, radius_l2, radius_linf)")
+        check_can_certify(args.n, args.alpha)
+    elif args.norm is not None:
+        parse_norm(args.norm)
+
+
+def _check_first_image(trained, smooth, data, indices, args) -> None:
+    """The checks that need the data: one image at least, of the model's shape, and (sequential mode)
+    a radius that this noise reaches within --n samples."""
+    if not indices:
+        raise ValueError(f"the {args.split} split has no images to certify")
+    shape = tuple(data[indices[0]][0].shape)
+    if shape != tuple(trained.input_shape):
+        raise ValueError(f"image {indices[0]} of the {args.split} split has shape {shape} but the model "
+                         f"takes {tuple(trained.input_shape)}")
+    if args.radius is not None:
+        threshold = p_needed(smooth.noise, args.radius, args.norm, shape)
+        schedule = geometric_schedule(args.n, DEFAULT_STAGES[args.method])  # as certify_radius draws them
+        check_budget(args.method, schedule, threshold, args.alpha, args.radius, n_name="--n", stages_hint=False)
+
+
 def run(args) -> int:
     context = init_distributed(args.device)
     try:
@@ -114,6 +146,7 @@ def run(args) -> int:
 
 
 def _certify(args, context) -> int:
+    _check_options(args)
     run_path = Path(args.run)
     trained = load_trained(run_path, expected_dataset=args.dataset)
     dataset_name = args.dataset or trained.meta["dataset"]
@@ -126,9 +159,8 @@ def _certify(args, context) -> int:
     if sequential:
         args.norm = noise.primary_norm if args.norm is None else parse_norm(args.norm)
     data = load_dataset(dataset_name, args.split, args.data_root)
-    if args.skip < 1 or (args.max is not None and args.max < 1):
-        raise ValueError("--skip and --max must be >= 1")
     indices = list(range(0, len(data), args.skip))[: args.max]
+    _check_first_image(trained, smooth, data, indices, args)  # last check: nothing is written before it
 
     config = {
         "checkpoint": str(run_checkpoint(run_path).resolve()),
@@ -166,7 +198,8 @@ def _certify(args, context) -> int:
                 certificate = smooth.certify(x, args.n0, args.n, args.alpha, args.batch_size, generator=generator)
             row = row_from_certificate(idx, int(label), certificate, time.perf_counter() - start, noise_text, npg_text)
             if sequential:
-                row.update(mode=config["mode"], decided_radius=args.radius, samples_used=decision.samples_used)
+                row.update(mode=config["mode"], decided_radius=args.radius, certified=decision.certified,
+                           samples_used=decision.samples_used)
             writer.write(row)
             finished += 1
             abstained += certificate.abstained

@@ -66,7 +66,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-from .norms import parse_norm
+from .norms import norm_name, parse_norm
 from .certificate import ABSTAIN
 from .streams import resolve_generator
 from .statistics import (
@@ -125,7 +125,7 @@ def p_needed(noise, radius, norm, input_shape, tol: float = 1e-13) -> float:
     largest = radius_at(noise, _P_MAX, norm, input_shape)
     if largest < radius:
         raise ValueError(
-            f"radius {radius} in norm {norm} cannot be certified with this noise for any p_lower < 1 "
+            f"radius {radius} in {norm_name(norm)} cannot be certified with this noise for any p_lower < 1 "
             f"(the largest certifiable radius is {largest:.6g})"
         )
     low, high = 0.5, _P_MAX  # invariant: radius_at(low) < radius <= radius_at(high)
@@ -327,8 +327,12 @@ def _check_method(method: str) -> str:
     return method
 
 
-def _check_budget(method, schedule, threshold, alpha, radius):
-    """Raise when even the best case (every sample votes for cA) cannot reach ``threshold``."""
+def check_budget(method, schedule, threshold, alpha, radius, *, n_name="max_n", stages_hint=True):
+    """Raise when even the best case (every sample votes for cA) cannot reach ``threshold``.
+
+    ``n_name`` names the sample budget in the message (``--n`` for the command,
+    which has no option for the stages: then ``stages_hint=False``).
+    """
     n = schedule[-1]
     if method == "cp":
         stage_alpha = alpha / len(schedule)
@@ -336,7 +340,7 @@ def _check_budget(method, schedule, threshold, alpha, radius):
         reachable = clopper_pearson_lower(n, n, stage_alpha) >= threshold
         needed = math.ceil(math.log(stage_alpha) / math.log(threshold))
         detail = f"with alpha={alpha} split over {len(schedule)} stages ({stage_alpha:.3g} each)"
-        hint = " or fewer stages"
+        hint = " or fewer stages" if stages_hint else ""
     else:
         # best case: the largest bet on every sample, all of them winning
         per_sample = math.log1p(MAX_BET_FRACTION * (1 - threshold) / threshold)
@@ -345,9 +349,9 @@ def _check_budget(method, schedule, threshold, alpha, radius):
         detail, hint = f"by betting at alpha={alpha}", ""
     if not reachable:
         raise ValueError(
-            f"max_n={n} is too small to certify radius {radius}: it needs p_lower >= {threshold:.6g}, "
+            f"{n_name}={n} is too small to certify radius {radius}: it needs p_lower >= {threshold:.6g}, "
             f"which {detail} is out of reach even if every sample votes for the top class; "
-            f"use max_n >= {needed}{hint}"
+            f"use {n_name} >= {needed}{hint}"
         )
 
 
@@ -410,7 +414,7 @@ def _certify_radius(smooth, xs, radius, norm, alpha, n0, max_n, stages, first, m
     norm = parse_norm(norm)
     threshold = p_needed(smooth.noise, radius, norm, tuple(xs.shape[1:]))
     schedule = geometric_schedule(max_n, DEFAULT_STAGES[method] if stages is None else stages, first)
-    _check_budget(method, schedule, threshold, alpha, float(radius))
+    check_budget(method, schedule, threshold, alpha, float(radius))
 
     generator = resolve_generator(generator, xs.device)
     # Selection on its own samples, as CERTIFY: the estimation must not reuse them.

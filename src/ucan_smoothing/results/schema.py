@@ -107,6 +107,7 @@ UCAN_COLUMNS = (
 SEQUENTIAL_COLUMNS = (
     Column("mode", "str"),
     Column("decided_radius", "float"),
+    Column("certified", "bool"),  # decided: certified at decided_radius (the sequential test's answer)
     Column("samples_used", "int"),
 )
 #: kinds the reader uses for columns it meets; other columns get the narrowest kind that fits
