@@ -276,7 +276,7 @@ def test_no_cap_without_a_single_n(tmp_path, cohen_file):
     figure, _, legend = draw({"seq": rows, "mixed": mixed, "cohen": cohen_file})
     assert not any(line.get_linestyle() == ":" for ax in figure.axes for line in ax.lines)
     assert any(text.startswith("seq: sequential") and "no single n: no CP cap" in text for text in legend)
-    assert any(text.startswith("mixed: n, alpha vary") for text in legend)
+    assert any(text.startswith("mixed: no single n and alpha") for text in legend)
     assert "cohen: 4 images (Cohen format: n, alpha not recorded; no CP cap)" in legend
     plt.close(figure)
 

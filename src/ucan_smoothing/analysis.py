@@ -402,8 +402,8 @@ def image_band(curve, images: int, alpha: float = 0.05) -> tuple:
     A certified accuracy is the fraction of ``images`` test images certified
     correct: a binomial proportion if the images are a random sample, so this
     band is the uncertainty from the choice of images about the accuracy on
-    the whole distribution (Cohen et al. 2019 make the same point). It is not a
-    certificate and ignores the (alpha-level) chance that a certification is wrong.
+    the whole distribution. It is not a certificate, and it ignores the
+    (alpha-level) chance that a certification is wrong.
     """
     counts = np.rint(np.asarray(curve) * images).astype(int)
     bounds = {k: (clopper_pearson_lower(k, images, alpha / 2), clopper_pearson_upper(k, images, alpha / 2))
@@ -425,7 +425,7 @@ def _legend_label(method: Method, cap_drawn: bool) -> str:
         text = (f"{method.label}: sequential, up to {most:,} samples, alpha = {alphas}, {images} "
                 "(no single n: no CP cap drawn)")
     elif sampling is None:
-        text = f"{method.label}: n, alpha vary between rows, {images} (no CP cap drawn)"
+        text = f"{method.label}: no single n and alpha in the rows, {images} (no CP cap drawn)"
     else:
         n, alpha = sampling
         text = f"{method.label}: n = {n:,}, alpha = {alpha:g}, {images}"
