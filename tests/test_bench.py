@@ -31,7 +31,8 @@ def test_bench_reports_each_figure_against_the_best_raw_forward(tmp_path, capsys
     assert probe in (50, 100)
     assert {m["batch_size"] for m in result["probe"]["measurements"]} <= {50, 100}
     expected = {"raw forward, batch 50", "raw forward, batch 100", "certify, batch 50", "certify, batch 100",
-                f"raw forward, model as given (NCHW), batch {probe}", f"Cohen-style loop, batch {probe}",
+                f"raw forward, model as given (NCHW), batch {probe}", f"raw forward + noise draw, batch {probe}",
+                f"Cohen-style loop, batch {probe}",
                 f"certify, fixed sigma, batch {probe}", f"certify + NPG, batch {probe}"}
     assert expected <= set(result["figures"])
     for name, figure in result["figures"].items():

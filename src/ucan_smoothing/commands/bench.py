@@ -11,7 +11,8 @@ runs it), input and device, at each batch size of ``--batch-sizes``:
    batch size, on the model as given: what an ART user runs).
 
 Then, at the batch size the probe of ``core.batch_size`` picks (what `ucan
-certify` picks by default): the raw forward of the model as given (NCHW), a
+certify` picks by default): the raw forward of the model as given (NCHW), the
+raw forward with a fresh noise draw per batch (the cost of the noise), a
 Cohen-style reference loop written here, and the NPG overhead (a universal
 generator evaluated for each image against the same noise with sigma computed
 beforehand). ``--amp`` adds the raw forward and certify sweeps under autocast.
@@ -181,6 +182,20 @@ def _raw_forward(net, x, noise, samples, batch, device):
     return forward, batches * batch
 
 
+def _forward_with_fresh_noise(net, x, noise, samples, batch, device):
+    """The raw forward pass plus a fresh noise draw per batch: the work any certify must do."""
+    generator = torch.Generator(device=device).manual_seed(0)
+
+    def forward():
+        with torch.inference_mode():
+            for _ in range(-(-samples // batch)):
+                noisy = noise.sample((batch, *x.shape), generator=generator, device=device)
+                noisy += x
+                net(noisy).argmax(1)
+        _synchronize(device)
+    return forward
+
+
 def _certify(net, spec, noise, x, args, batch):
     smooth = Smooth(net, spec.num_classes, noise)
 
@@ -335,6 +350,9 @@ def run(args) -> int:
     forward_given, processed = _raw_forward(given, x, noise, samples, probe_batch, args.device)
     methods.append(Method(f"raw forward, model as given (NCHW), batch {probe_batch}", forward_given, processed,
                           probe_batch))
+    methods.append(Method(f"raw forward + noise draw, batch {probe_batch}",
+                          _forward_with_fresh_noise(model, x, noise, samples, probe_batch, args.device),
+                          processed, probe_batch))
     methods.append(Method(f"Cohen-style loop, batch {probe_batch}",
                           lambda: cohen_reference_certify(model, x, args.scale, args.n0, args.n, probe_batch,
                                                           spec.num_classes), samples, probe_batch))

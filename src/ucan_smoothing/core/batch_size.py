@@ -7,9 +7,14 @@ Throughput depends on the batch size far more than one would guess: on a
 (draw the noise, add the image, run the model, take the argmax) for a few
 sizes and returns the one with the most samples per second.
 
-The probe changes nothing a certificate depends on: the batch size only cuts
-one noise stream into pieces, and the probe draws its noise from its own
-generator, not from the image's stream.
+The probe weakens no guarantee: it draws its noise from its own generator,
+not from any image's stream, and a batch size chosen by timing says nothing
+about the votes. It can change the votes themselves, though: the batch size
+decides how an image's stream is cut into draws, and torch's generators do
+not always give one draw of ``2b`` values the values of two draws of ``b``
+(CUDA's Philox offsets advance per call; on a CPU draws whose sizes are not
+multiples of 16 differ). A run is reproduced exactly at the batch size it
+recorded.
 """
 
 from __future__ import annotations
