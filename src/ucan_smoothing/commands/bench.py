@@ -222,6 +222,15 @@ def _sweep(label, net, spec, noise, x, args, sizes):
     return methods
 
 
+def _warm_up(nets, x, noise, sizes, device) -> None:
+    """One batch of each net at each size: kernels of each shape, allocator, thread pools."""
+    with torch.inference_mode():
+        for net in nets:
+            for batch in sorted(sizes):
+                net(x + noise.sample((batch, *x.shape), device=device))
+    _synchronize(device)
+
+
 def _time_rounds(methods, rounds) -> None:
     """One timing of every method per round, in alternating order (A B ... B A ...)."""
     for round_index in range(rounds):
@@ -374,15 +383,15 @@ def run(args) -> int:
         methods.append(Method(f"ART certify, model as given (NCHW), batch {art_default}",
                               _art_certify(_art_classifier(given, spec, args), x, args, art_default),
                               samples, art_default))
-    amp_probe = None
+    nets, amp_probe = [model, given], None
     if args.amp:
         amp_model = Autocast(model, args.amp)
+        nets.append(amp_model)
         amp_probe, _ = fastest_batch_size(amp_model, noise, x, candidates=sizes, budget_s=args.probe_budget,
                                           device=args.device)
         methods += _sweep(f" + {args.amp}", amp_model, spec, noise, x, args, sizes)
 
-    for method in methods:  # warm-up: kernels, allocator, thread pools
-        method.run()
+    _warm_up(nets, x, noise, {m.batch for m in methods}, args.device)
     _time_rounds(methods, args.rounds)
     methods = {method.name: method for method in methods}
     conditions["load_average_end"] = list(os.getloadavg())
