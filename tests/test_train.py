@@ -9,6 +9,7 @@ import csv
 import json
 import os
 import re
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -210,10 +211,27 @@ def test_resume_refuses_a_changed_config(base_run, data_root):
                          scale=0.5)
     with pytest.raises(ValueError, match="changed configuration.*lr"):
         train_classifier(data_root=data_root, epochs=3, out=base_run, resume=True, lr=0.01, **FAST)
-    with pytest.raises(ValueError, match="already finished 2 epochs"):
-        train_classifier(data_root=data_root, epochs=2, out=base_run, resume=True, **FAST)
     with pytest.raises(FileNotFoundError, match="nothing to resume"):
         train_classifier(data_root=data_root, epochs=2, out=base_run + "-none", resume=True, **FAST)
+
+
+def _folder_bytes(folder) -> dict:
+    return {path.name: path.read_bytes() for path in sorted(Path(folder).iterdir())}
+
+
+def test_resuming_a_finished_run_does_nothing_and_succeeds(base_run, data_root, capsys):
+    """A "resume until done" loop ends: exit 0, the run untouched (issue 12, item 8)."""
+    before = _folder_bytes(base_run)
+    assert train_classifier(data_root=data_root, epochs=2, out=base_run, resume=True, **FAST) == Path(base_run)
+    assert cli.main(["train", "--resume", "--out", base_run, "--no-progress"]) == 0
+    captured = capsys.readouterr()
+    assert captured.err.count(f"{base_run} is finished (2 of 2 epochs); nothing to do") == 2
+    assert "run folder" in captured.out
+    assert _folder_bytes(base_run) == before
+    # a changed configuration is still refused on a finished run
+    assert cli.main(["train", "--resume", "--out", base_run, "--scale", "0.5", "--no-progress"]) == 2
+    assert "changed configuration" in capsys.readouterr().err
+    assert _folder_bytes(base_run) == before
 
 
 def test_a_run_killed_before_its_first_checkpoint_starts_again(data_root, tmp_path, capsys):
@@ -514,6 +532,83 @@ def test_torchrun_two_processes_on_cpu(data_root, tmp_path):
     # 256 images, two processes of 32 images per step: 4 steps each; both halves counted
     assert rows[0]["train_samples_per_s"] > 0
     assert load_trained(out).meta["extra"]["ucan_train"]["epoch"] == 2
+
+
+_THREADS_PROBE = """
+import sys, torch
+from ucan_smoothing.training import loop, train_classifier
+seen = []
+train_epoch = loop._Run._train_epoch
+def recording(self, epoch):
+    seen.append(torch.get_num_threads())
+    return train_epoch(self, epoch)
+loop._Run._train_epoch = recording
+train_classifier(data_root=sys.argv[1], out=sys.argv[2], max_train=64, max_test=32, epochs=1, batch_size=64,
+                 device="cpu", progress=False)
+print("threads while training:", seen)
+"""
+
+
+def test_training_keeps_the_thread_count_of_omp_num_threads(data_root, tmp_path):
+    """No --threads: torch's own count (OMP_NUM_THREADS), not one the code picks (issue 12, item 10)."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    result = subprocess.run([sys.executable, "-c", _THREADS_PROBE, data_root, str(tmp_path / "run")], env=env,
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "threads while training: [1]" in result.stdout
+
+
+def _dist_env(**values) -> dict:
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("TORCHELASTIC_", "MASTER_", "LOCAL_"))}
+    return {**env, "WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1", "UCAN_DIST_TIMEOUT": "2",
+            "OMP_NUM_THREADS": "1", **values}
+
+
+def _assert_join_failed(result, out: Path):
+    errors = [line for line in result.stderr.splitlines() if line.startswith("ucan train: error:")]
+    assert result.returncode == 2, result.stderr[-3000:]
+    assert len(errors) == 1 and "could not join the process group at 127.0.0.1:" in errors[0], result.stderr
+    assert "within 2 s" in errors[0] and "UCAN_DIST_TIMEOUT" in errors[0]
+    assert "Traceback" not in result.stderr
+    assert not out.exists()
+
+
+def test_a_worker_whose_launcher_is_gone_stops_with_one_line(data_root, tmp_path):
+    """No store at MASTER_PORT (the launcher died): a one-line error after UCAN_DIST_TIMEOUT, no
+    30-minute hang (issue 12, item 9). The subprocess timeout is the bound."""
+    with socket.socket() as probe:  # a free loopback port on which nothing listens
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    out = tmp_path / "run"
+    cmd = [sys.executable, "-m", "ucan_smoothing.cli", "train", "classifier", "--data-root", data_root,
+           "--device", "cpu", "--no-progress", "--out", str(out)]
+    result = subprocess.run(cmd, env=_dist_env(RANK="1", MASTER_PORT=str(port)), capture_output=True, text=True,
+                            timeout=90)
+    _assert_join_failed(result, out)
+
+
+def test_a_worker_whose_peers_never_arrive_stops_with_one_line(data_root, tmp_path):
+    """Under torchrun every worker is a client of the launcher's store: connected, it still waits for the
+    others at most UCAN_DIST_TIMEOUT."""
+    import torch.distributed as dist
+
+    store = dist.TCPStore("127.0.0.1", 0, is_master=True, wait_for_workers=False)  # the launcher's store
+    out = tmp_path / "run"
+    cmd = [sys.executable, "-m", "ucan_smoothing.cli", "train", "classifier", "--data-root", data_root,
+           "--device", "cpu", "--no-progress", "--out", str(out)]
+    env = _dist_env(RANK="0", MASTER_PORT=str(store.port), TORCHELASTIC_USE_AGENT_STORE="True")
+    result = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=90)
+    _assert_join_failed(result, out)
+    del store
+
+
+@pytest.mark.parametrize("value", ["soon", "0", "-3"])
+def test_a_bad_dist_timeout_is_refused(value, monkeypatch):
+    from ucan_smoothing.distributed import join_timeout
+
+    monkeypatch.setenv("UCAN_DIST_TIMEOUT", value)
+    with pytest.raises(ValueError, match="UCAN_DIST_TIMEOUT must be a number of seconds > 0"):
+        join_timeout()
 
 
 # --------------------------------------------------------------------------- real MNIST

@@ -29,9 +29,11 @@ def atomic_open(path, mode: str = "wb"):
             os.fsync(handle.fileno())
         os.chmod(tmp, 0o644)  # mkstemp makes 0600; give the usual permissions
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as error:
         if os.path.exists(tmp):
             os.remove(tmp)
+        if isinstance(error, OSError) and error.filename is None:
+            error.filename = path  # a failed write() or fsync() (a full disk) names no file
         raise
     fsync_directory(folder)
 

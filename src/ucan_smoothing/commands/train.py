@@ -8,7 +8,6 @@ work is :func:`ucan_smoothing.training.train` (docs in its module).
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import shlex
 import sys
@@ -18,6 +17,7 @@ from ..core.noises import FAMILIES
 from ..npg.generators import GENERATORS
 from ..npg.shifts import SHIFTS
 from ..training import train
+from ..training.checkpoints import read_run_record
 from ..training.config import OPTIMIZERS, TARGETS
 
 
@@ -38,7 +38,7 @@ def configure(parser: argparse.ArgumentParser) -> None:
         "  ucan train npg --kind pattern --p inf --kappa 0.01 --iota 1 --joint --base runs/mnist-g025/final.pt\n"
         "  ucan train npg --kind noisy_shift --base runs/mnist-g025 --out runs/mnist-g025-noisy-shift\n"
         "  ucan train npg --kind lipschitz_shift --lipschitz 0.5 --base runs/mnist-g025 --out runs/mnist-g025-lip\n"
-        "  ucan train --resume --out runs/mnist-g025          (continue an interrupted run)\n"
+        "  ucan train --resume --out runs/mnist-g025          (continue an interrupted run; exit 0 if finished)\n"
         "  torchrun --nproc_per_node=2 -m ucan_smoothing.cli train classifier ...   (DDP)\n")
     parser.add_argument("target", nargs="?", choices=TARGETS,
                         help="classifier: noise-augmented training; npg: train a noise parameter generator")
@@ -95,7 +95,7 @@ def configure(parser: argparse.ArgumentParser) -> None:
     g = parser.add_argument_group("run")
     g.add_argument("--seed", type=int, help="random seed (default 0)")
     g.add_argument("--device", help="cpu, cuda, cuda:1 ... (default: cuda when available)")
-    g.add_argument("--threads", type=int, help="CPU threads per process (default: cores / processes)")
+    g.add_argument("--threads", type=int, help="CPU threads per process (default: torch's, which follows OMP_NUM_THREADS)")
     g.add_argument("--workers", type=int, help="DataLoader workers for on-disk image folders (default 0)")
     g.add_argument("--checkpoint-every", type=int, metavar="STEPS",
                    help="also save last.pt every STEPS training steps inside an epoch, so an interruption "
@@ -144,7 +144,7 @@ def config_from_args(args: argparse.Namespace) -> dict:
         path = Path(args.out) / "config.json"
         if not path.is_file():
             raise FileNotFoundError(f"nothing to resume: {str(path)!r} does not exist")
-        saved = json.loads(path.read_text())["config"]
+        saved = read_run_record(args.out)["config"]
         if "npg" in given and saved.get("npg") is not None:
             given["npg"] = {**saved["npg"], **given["npg"]}
         elif npg_given and saved.get("npg") is not None:

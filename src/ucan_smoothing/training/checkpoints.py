@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import io
+import json
 import os
 import platform
 import random
@@ -15,7 +16,9 @@ from torch import nn
 
 from .. import __version__
 from ..fileio import atomic_open, atomic_write_bytes
+from ..models import load_torch_file
 from ..npg.generators import NoiseGenerator
+from ..runs import LAST
 from .config import TrainConfig, describe_training_noise
 
 METRIC_FIELDS = ["epoch", "lr", "train_loss", "train_ce", "train_acc", "test_acc_noisy", "test_acc_clean",
@@ -107,3 +110,65 @@ def checkpoint_extra(cfg: TrainConfig, generator: NoiseGenerator | None, epoch: 
     if train_state is not None:
         extra["train_state"] = train_state
     return extra
+
+
+def read_run_record(run_dir: str | os.PathLike) -> dict:
+    """``config.json`` of a run folder (its ``"config"`` is a dict); ValueError naming the file if it
+    is damaged or not written by ``ucan train``."""
+    path = Path(run_dir) / "config.json"
+    try:
+        record = json.loads(path.read_text(encoding="utf-8"))
+        problem = None if isinstance(record, dict) and isinstance(record.get("config"), dict) else "no \"config\""
+    except ValueError as error:  # JSONDecodeError, UnicodeDecodeError
+        problem = _first_sentence(error)
+    if problem:
+        raise ValueError(f"{str(path)!r} is damaged or not the record of a `ucan train` run ({problem}); "
+                         "restore it or choose another --out")
+    return record
+
+
+#: what ``--resume`` reads from last.pt: top-level keys, then keys of its ``extra``
+_RESUME_KEYS = ("state_dict", "model_name", "dataset", "extra")
+_RESUME_EXTRA_KEYS = ("config", "train_state", "ucan_train")
+
+
+def read_resume_checkpoint(run_dir: str | os.PathLike) -> dict:
+    """``last.pt`` of a run folder, checked to hold what ``--resume`` needs: a one-line ValueError for
+    an empty, truncated or foreign file (FileNotFoundError if there is none)."""
+    path = Path(run_dir) / LAST
+    try:
+        payload = load_torch_file(path)
+    except ValueError as error:  # unreadable: load_torch_file keeps torch's error as the cause
+        problem = f"unreadable: {_first_sentence(error.__cause__ or error)}"
+    else:
+        problem = _missing_resume_part(payload)
+    if problem:
+        raise ValueError(f"cannot resume {str(run_dir)!r}: {LAST} is truncated or not a checkpoint of "
+                         f"`ucan train` ({problem}); move it aside to train the run again from scratch")
+    return payload
+
+
+def _missing_resume_part(payload) -> str | None:
+    if not isinstance(payload, dict):
+        return f"it holds a {type(payload).__name__}"
+    for key in _RESUME_KEYS:
+        if key not in payload:
+            return f"no {key!r}"
+    extra = payload["extra"]
+    for key in _RESUME_EXTRA_KEYS:
+        if not isinstance(extra, dict) or not isinstance(extra.get(key), dict):
+            return f"no training state: no extra[{key!r}]"
+    for key in ("optimizer", "rng", "metrics"):
+        if key not in extra["train_state"]:
+            return f"no training state: no train_state[{key!r}]"
+    if not isinstance(extra["ucan_train"].get("epoch"), int):
+        return "no epoch number"
+    return None
+
+
+def _first_sentence(error: BaseException) -> str:
+    """The start of an error's message on one line (torch's can run to paragraphs)."""
+    lines = str(error).strip().splitlines()
+    text = lines[0].split(". ")[0] if lines else ""
+    text = text if len(text) <= 160 else text[:157] + "..."
+    return f"{type(error).__name__}: {text}" if text else type(error).__name__

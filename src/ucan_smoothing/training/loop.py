@@ -27,11 +27,15 @@ bars), ``sigma.pt`` and ``mu.pt``. ``--resume`` continues from ``last.pt``
 and gives bit-for-bit the weights of an uninterrupted run on the same
 device (the training noise is seeded per step, and an epoch resumed inside
 skips the batches it trained); it refuses a changed configuration (the number of epochs may be
-raised, the device, thread count and data folder may change).
+raised, the device, thread count and data folder may change); on a run that has
+trained all its epochs it changes nothing and returns the run folder. An empty,
+truncated or foreign ``last.pt`` or ``config.json`` is refused with a ValueError.
 
 Multi-process: ``torchrun --nproc_per_node=N -m ucan_smoothing.cli train ...``
 runs DistributedDataParallel (gloo on CPU, nccl on CUDA); ``--batch-size`` is
-the global batch, split over the processes; only rank 0 writes files.
+the global batch, split over the processes; only rank 0 writes files. The
+thread count is torch's (it follows ``OMP_NUM_THREADS``) unless ``threads`` is
+given; several processes on one CPU want ``OMP_NUM_THREADS=cores/processes``.
 
 Python API: :func:`train_classifier`, :func:`train_generator` (both return the
 run folder), :func:`train` (either), and :func:`ucan_smoothing.runs.load_trained`
@@ -56,7 +60,7 @@ from tqdm.auto import tqdm
 from ..data import load_dataset
 from ..distributed import DistContext, cleanup, init_distributed
 from ..figures import save_sigma_png
-from ..models import build_model, load_torch_file, model_spec, save_checkpoint
+from ..models import build_model, model_spec, save_checkpoint
 from ..core.noises import make_noise
 from ..npg.generators import make_generator, sigma_stats
 from ..npg.shifts import SHIFTS, make_shift
@@ -68,6 +72,8 @@ from .checkpoints import (
     atomic_torch_save,
     checkpoint_extra,
     generator_label,
+    read_resume_checkpoint,
+    read_run_record,
     restore_rng,
     rng_states,
     versions,
@@ -97,11 +103,16 @@ class _Run:
     # -- set-up ------------------------------------------------------------------
     def setup(self) -> None:
         cfg, ctx = self.cfg, self.context
-        if cfg.threads:
+        if cfg.threads:  # only when asked: otherwise torch's default, which follows OMP_NUM_THREADS
             torch.set_num_threads(int(cfg.threads))
-        elif self.device.type == "cpu":
-            torch.set_num_threads(max(1, (os.cpu_count() or 1) // max(1, ctx.local_world_size)))
         self._check_out_folder()
+        self.checkpoint = None  # last.pt, when resuming it
+        self.finished = False
+        if cfg.resume and not self.restarted:
+            self.checkpoint = self._read_checkpoint()
+            self.finished = self.checkpoint["extra"]["ucan_train"]["epoch"] >= cfg.epochs
+            if self.finished:
+                return  # nothing to train: load no data, build nothing
         torch.manual_seed(cfg.seed)
         random.seed(cfg.seed)
         np.random.seed(cfg.seed % 2**32)
@@ -114,8 +125,8 @@ class _Run:
         self._build_optimizer()
         self.rows: list = []
         self.start_epoch, self.start_step, self.partial_sums = 1, 0, None
-        if cfg.resume and not self.restarted:
-            self._resume()
+        if self.checkpoint is not None:
+            self._resume(self.checkpoint)
 
     def _per_rank_batch(self) -> int:
         world = self.context.world_size
@@ -139,7 +150,7 @@ class _Run:
         if cfg.resume and not has_checkpoint:
             if not config_path.is_file():
                 raise FileNotFoundError(f"nothing to resume: {str(self.out / LAST)!r} does not exist")
-            saved = TrainConfig.from_dict(json.loads(config_path.read_text())["config"])
+            saved = TrainConfig.from_dict(read_run_record(self.out)["config"])
             differences = config_differences(saved, cfg)
             if differences:
                 raise ValueError(f"cannot restart {str(self.out)!r} with a changed configuration: "
@@ -231,18 +242,22 @@ class _Run:
         self.scheduler = (torch.optim.lr_scheduler.StepLR(self.optimizer, cfg.lr_step, cfg.lr_decay)
                           if cfg.lr_step else None)
 
-    def _resume(self) -> None:
-        path = self.out / LAST
-        payload = load_torch_file(path)
-        extra = payload["extra"]
-        saved = TrainConfig.from_dict(extra["config"])
+    def _read_checkpoint(self) -> dict:
+        """last.pt, checked to be this run's (same configuration, model and data set)."""
+        payload = read_resume_checkpoint(self.out)
+        saved = TrainConfig.from_dict(payload["extra"]["config"])
         differences = config_differences(saved, self.cfg)
         if differences:
             raise ValueError(f"cannot resume {str(self.out)!r} with a changed configuration: "
                              + "; ".join(differences) + ". Resume with the original options "
                              "(only " + ", ".join(RESUMABLE_CHANGES) + " may change).")
         if payload["model_name"] != self.cfg.model or payload["dataset"] != self.cfg.dataset:
-            raise ValueError(f"{str(path)!r} holds {payload['model_name']} on {payload['dataset']}")
+            raise ValueError(f"{str(self.out / LAST)!r} holds {payload['model_name']} on {payload['dataset']}")
+        return payload
+
+    def _resume(self, payload: dict) -> None:
+        path = self.out / LAST
+        extra = payload["extra"]
         state = extra["train_state"]
         saved_world = extra["ucan_train"].get("world_size", 1)
         if saved_world != self.context.world_size and self.context.is_main:
@@ -252,9 +267,6 @@ class _Run:
         if extra["ucan_train"].get("noise_seeding") != NOISE_SEEDING and self.context.is_main:
             print(f"warning: {str(path)!r} was written by an older version that seeded the training noise per "
                   "epoch: the resumed run is valid but not bit-identical to an uninterrupted one", file=sys.stderr)
-        if extra["ucan_train"]["epoch"] >= self.cfg.epochs:
-            raise ValueError(f"{str(self.out)!r} already finished {extra['ucan_train']['epoch']} epochs; "
-                             f"raise --epochs to train further")
         self.model.load_state_dict(payload["state_dict"])
         if self.generator is not None and extra.get("npg_state") is not None:
             self.generator.load_state_dict(extra["npg_state"])
@@ -292,12 +304,12 @@ class _Run:
         if self.shift is not None:
             record["shift"] = self.shift.describe()
         if self.restarted and path.is_file():
-            old = json.loads(path.read_text())
+            old = read_run_record(self.out)
             record["restarted"] = old.get("restarted", []) + [
                 {"command": self.command, "time": time.strftime("%Y-%m-%d %H:%M:%S"),
                  "previous_start": old.get("started")}]
         elif self.cfg.resume and path.is_file():
-            old = json.loads(path.read_text())
+            old = read_run_record(self.out)
             record["started"] = old.get("started", record["started"])
             record["resumed"] = old.get("resumed", []) + [
                 {"at_epoch": self.start_epoch, "command": self.command, "time": time.strftime("%Y-%m-%d %H:%M:%S")}]
@@ -467,6 +479,11 @@ class _Run:
 
     def run(self) -> Path:
         cfg, ctx = self.cfg, self.context
+        if self.finished:  # resumed after its last epoch: touch nothing, so "run until done" loops end
+            if ctx.is_main:
+                done = self.checkpoint["extra"]["ucan_train"]["epoch"]
+                print(f"{self.out} is finished ({done} of {cfg.epochs} epochs); nothing to do", file=sys.stderr)
+            return self.out
         self.write_config()
         if ctx.is_main and cfg.progress:
             what = f"{cfg.npg['kind']} NPG" if cfg.target == "npg" else "classifier"
