@@ -9,4 +9,6 @@ Nothing here imports anything outside ``core``; everything else builds on it.
 * :mod:`.certificate`, :mod:`.streams`: what CERTIFY returns; where the noise's randomness comes from.
 * :mod:`.smooth`: ``Smooth``, Cohen et al.'s PREDICT and CERTIFY.
 * :mod:`.sequential`: fewer samples for a fixed question (one radius, PREDICT), with proofs.
+* :mod:`.grid`: the largest certified radius of a grid, stopping once it is settled (proof inside).
+* :mod:`.pool`: many images in flight in full forward batches, each with its own noise stream.
 """
