@@ -148,6 +148,21 @@ def test_scale_must_be_positive_and_finite(scale):
         Gaussian(scale)
 
 
+@pytest.mark.parametrize("family", [Gaussian, Laplace, Uniform, ExpInf, lambda scale: PowerLaw(scale, 20)])
+@pytest.mark.parametrize("scale, match", [(1e39, "too large"), (1e33, "too large"), (1e-39, "too small")])
+def test_scale_that_overflows_or_underflows_float32_is_refused(family, scale, match):
+    # noise is drawn in float32 or wider: scale * a standard sample must stay finite there
+    with pytest.raises(ValueError, match=f"scale=.* {match} for noise drawn in torch.float32"):
+        family(scale)
+
+
+def test_a_scale_fits_a_dtype_with_headroom_for_the_standard_sample():
+    noise = Gaussian(1e30)
+    noise.check_dtype(torch.float64)
+    with pytest.raises(ValueError, match="torch.float16"):
+        noise.check_dtype(torch.float16)
+
+
 def test_power_law_needs_a_above_dim():
     noise = PowerLaw(0.5, 5)
     with pytest.raises(ValueError, match="a > dim"):

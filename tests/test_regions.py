@@ -132,6 +132,23 @@ def test_bad_sigma_is_rejected(sigma, match):
         Anisotropic(Gaussian(1.0), sigma)
 
 
+@pytest.mark.parametrize(
+    "scale, sigma, mu, match",
+    [
+        (0.5, [1.0, 1e39], None, r"sigma=1e\+39 is too large for noise drawn in torch.float32"),
+        (1e-10, [1.0, 1e39], None, r"sigma=1e\+39 is too large"),  # scale * sigma fits, but sigma cast to float32 is inf
+        (1e30, [1.0, 1e5], None, r"scale \* sigma=1e\+35 is too large"),
+        (0.5, [1.0, 1.0], [0.0, -1e39], r"\|mu\|=1e\+39 is too large for noise drawn in torch.float32"),
+        (0.5, [1.0, 1e-40], None, r"sigma=1e-40 is too small for noise drawn in torch.float32"),
+        (1e-20, [1.0, 1e-20], None, r"scale \* sigma=1e-40 is too small"),
+    ],
+)
+def test_sigma_or_mu_that_does_not_fit_float32_is_refused(scale, sigma, mu, match):
+    as_float64 = lambda values: None if values is None else torch.tensor(values, dtype=torch.float64)
+    with pytest.raises(ValueError, match=match):
+        Anisotropic(Gaussian(scale), as_float64(sigma), as_float64(mu), sigma_min=1e-45)
+
+
 def test_sigma_below_custom_minimum_and_bad_mu():
     with pytest.raises(ValueError, match="sigma_min=0.1"):
         Anisotropic(Gaussian(1.0), torch.tensor([0.05, 1.0]), sigma_min=0.1)

@@ -7,7 +7,7 @@ import pytest
 import torch
 from scipy import stats
 
-from ucan_smoothing import ABSTAIN, Anisotropic, ExpInf, Gaussian, Laplace, Smooth, Uniform
+from ucan_smoothing import ABSTAIN, Anisotropic, ExpInf, Gaussian, Laplace, PowerLaw, Smooth, Uniform
 
 from oracles import (
     BallClassifier,
@@ -281,3 +281,83 @@ def test_a_half_precision_model_gets_float32_noise(dtype):
         expected = model(X[None].to(dtype)).float()
     torch.testing.assert_close(smooth.model(X[None]), expected)
     assert certificate.prediction in (ABSTAIN, 0, 1, 2)
+
+
+# -- noise that overflows, NaN logits (the certificate would be about a noise never drawn) --------
+
+
+class Recording(torch.nn.Module):
+    """``inner`` that counts its forward passes."""
+
+    def __init__(self, inner):
+        super().__init__()
+        self.inner, self.calls = inner, 0
+
+    def forward(self, x):
+        self.calls += 1
+        return self.inner(x)
+
+
+@pytest.mark.parametrize(
+    "make_noise, match",
+    [
+        (lambda: Gaussian(1e39), r"scale=1e\+39 is too large for noise drawn in torch.float32"),
+        (lambda: Anisotropic(Gaussian(0.5), SIGMA.double() * 1e39), r"sigma=.* too large .* torch.float32"),
+        (lambda: Anisotropic(Gaussian(0.5), SIGMA, MU.double() * 1e40), r"\|mu\|=.* too large .* torch.float32"),
+        (lambda: Anisotropic(Gaussian(1e30), SIGMA * 1e5), r"scale \* sigma=.* too large"),
+    ],
+)
+def test_noise_beyond_float32_is_refused_before_any_forward_pass(make_noise, match):
+    model = Recording(LinearBinary(W, B))
+    with pytest.raises(ValueError, match=match):
+        Smooth(model, 2, make_noise(), input_shape=(8,)).certify(X, 10, 100, 0.001, generator=0)
+    assert model.calls == 0
+
+
+def test_noisy_inputs_that_overflow_are_refused():
+    # a - dim = 0.01: the radial law is so heavy-tailed that about 40% of float32 draws are inf
+    smooth = Smooth(LinearBinary(W, B), 2, PowerLaw(1.0, 8.01), input_shape=(8,))
+    with pytest.raises(ValueError, match="noisy inputs overflow torch.float32"):
+        smooth.certify(X, 10, 100, 0.001, generator=0)
+
+
+class NaNLogits(torch.nn.Module):
+    def forward(self, x):
+        return torch.full((len(x), 3), float("nan"))
+
+
+@pytest.mark.parametrize(
+    "call",
+    [
+        lambda s: s.certify(X, 10, 100, 0.001, generator=0),
+        lambda s: s.predict(X, 100, 0.001, generator=0),
+        lambda s: s.certify_radius(X, 0.1, 2, 0.001, generator=0),
+    ],
+)
+def test_nan_logits_are_an_error_not_class_0(call):
+    smooth = Smooth(NaNLogits(), 3, Gaussian(0.5), input_shape=(8,))
+    with pytest.raises(ValueError, match=r"NaN logits .*noise Gaussian\(scale=0.5\), inputs in \[-0.3, 0.7\]"):
+        call(smooth)
+
+
+def test_minus_infinite_log_probabilities_still_certify():
+    class LogOneHot(torch.nn.Module):  # log-probabilities of a hard classifier: 0 and -inf
+        def forward(self, x):
+            return torch.log(torch.nn.functional.one_hot(LinearBinary(W, B)(x).argmax(1), 2).to(x.dtype))
+
+    smooth = Smooth(LogOneHot(), 2, Gaussian(0.5), input_shape=(8,))
+    reference = Smooth(LinearBinary(W, B), 2, Gaussian(0.5), input_shape=(8,))
+    assert smooth.certify(X, 10, 200, 0.01, generator=0) == reference.certify(X, 10, 200, 0.01, generator=0)
+
+
+def test_a_model_without_parameters_gets_at_least_float32_noise():
+    drawn = []
+
+    class SpyGaussian(Gaussian):
+        def sample(self, shape, **kwargs):
+            drawn.append(kwargs["dtype"])
+            return super().sample(shape, **kwargs)
+
+    smooth = Smooth(LinearBinary(W, B), 2, SpyGaussian(0.5), input_shape=(8,))
+    smooth.certify(X.half(), 10, 100, 0.01, generator=0)
+    assert drawn and set(drawn) == {torch.float32}

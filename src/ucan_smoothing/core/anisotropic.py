@@ -13,7 +13,7 @@ import math
 
 import torch
 
-from .noises import Noise
+from .noises import NARROWEST_NOISE_DTYPE, Noise, check_fits_dtype
 from .regions import CertifiedRegion, Scaling
 
 
@@ -54,6 +54,17 @@ class Anisotropic:
         self.sigma_min = sigma_min
         self._on_device = {}
         self._scalings = {}
+        self.check_dtype(NARROWEST_NOISE_DTYPE)
+
+    def check_dtype(self, dtype: torch.dtype) -> None:
+        """Raise unless ``sigma`` and ``mu`` cast to ``dtype`` stay finite, ``sigma`` stays > 0
+        there (the certificate divides by it), and ``eps * scale * sigma + mu`` does not overflow."""
+        self.base.check_dtype(dtype)
+        sigma_max, sigma_min = float(self.sigma.max()), float(self.sigma.min())
+        check_fits_dtype("sigma", sigma_max, dtype, smallest=sigma_min)
+        check_fits_dtype("scale * sigma", self.scale * sigma_max, dtype, smallest=self.scale * sigma_min)
+        if self.mu is not None and self.mu.numel():
+            check_fits_dtype("|mu|", float(self.mu.abs().max()), dtype)
 
     @property
     def scale(self) -> float:

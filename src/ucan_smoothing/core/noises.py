@@ -60,6 +60,35 @@ def _check_probability(name: str, value) -> float:
     return value
 
 
+#: How far below the dtype's largest number the noise scale must stay (for float32 and wider,
+#: the dtypes noise is drawn in). The standard samples of these families stay below 1e6
+#: (Gaussian below 40, Laplace below 800, uniform 1; exp-l_inf near the input dimension), so
+#: their noise stays finite. Power-law tails are heavy enough to overflow at any scale: Smooth
+#: checks every noisy batch for that.
+HEADROOM = 1e6
+
+#: Noise is drawn in the model's dtype but never below float32 (see Smooth), so its parameters
+#: are checked against float32 when they are made.
+NARROWEST_NOISE_DTYPE = torch.float32
+
+
+def check_fits_dtype(name: str, largest: float, dtype: torch.dtype, smallest: float | None = None) -> None:
+    """Raise unless a noise parameter ``name`` of size up to ``largest`` keeps the noise finite
+    in ``dtype`` and its ``smallest`` value (a scale, > 0) does not underflow there."""
+    info = torch.finfo(dtype)
+    limit = info.max / HEADROOM
+    if not largest <= limit:
+        raise ValueError(
+            f"{name}={largest:.4g} is too large for noise drawn in {dtype}: the noise would overflow "
+            f"to inf (it must stay below {limit:.3g})"
+        )
+    if smallest is not None and not smallest >= info.tiny:
+        raise ValueError(
+            f"{name}={smallest:.4g} is too small for noise drawn in {dtype}: it underflows "
+            f"(it must be at least {info.tiny:.3g})"
+        )
+
+
 def _dim_of(shape) -> int:
     if isinstance(shape, int):
         return shape
@@ -78,6 +107,11 @@ class Noise(ABC):
 
     def __init__(self, scale: float):
         self.scale = _check_positive("scale", scale)
+        self.check_dtype(NARROWEST_NOISE_DTYPE)
+
+    def check_dtype(self, dtype: torch.dtype) -> None:
+        """Raise unless noise drawn in ``dtype`` stays finite (and does not underflow)."""
+        check_fits_dtype("scale", self.scale, dtype, smallest=self.scale)
 
     # -- sampling -----------------------------------------------------------
     @abstractmethod

@@ -52,6 +52,8 @@ class Smooth:
     in eval mode. ``input_shape`` (optional) is checked against every input.
     Noise is drawn on the model's device, in its dtype, but at least float32:
     a float16 / bfloat16 model gets float32 noisy inputs cast to its dtype.
+    A noise too large for that dtype, noisy inputs that overflow it, and NaN
+    logits are refused with a ``ValueError`` rather than counted as votes.
     """
 
     def __init__(self, model: torch.nn.Module, num_classes: int, noise, *, input_shape=None):
@@ -88,7 +90,9 @@ class Smooth:
             raise ValueError("input contains NaN or inf")
         self.noise.check_input_shape(shape)
         device = self.device or xs.device
+        # A model without parameters takes the input's dtype, but noise is never drawn below float32.
         dtype = self.dtype or (xs.dtype if xs.is_floating_point() else torch.get_default_dtype())
+        dtype = torch.promote_types(dtype, torch.float32)
         xs = xs.to(device, dtype)
         return xs[None] if single else xs
 
@@ -102,6 +106,7 @@ class Smooth:
         """
         num = check_count("number of samples", num)
         batch_size = check_count("batch_size", batch_size)
+        self.noise.check_dtype(xs.dtype)  # the noise was checked against float32 when made; xs may be wider
         count, shape = xs.shape[0], tuple(xs.shape[1:])
         device, classes = xs.device, self.num_classes
         generator = resolve_generator(generator, device)
@@ -120,10 +125,35 @@ class Smooth:
                         f"the model returned output of shape {tuple(logits.shape)} for a batch of "
                         f"{stop - start}; expected ({stop - start}, {classes}) logits (num_classes={classes})"
                     )
+                self._check_batch(xs, noisy, logits)
                 votes += torch.bincount(owner * classes + logits.argmax(dim=1), minlength=count * classes)
                 bar.update(stop - start)
         bar.close()
         return votes.view(count, classes).cpu()
+
+    def _check_batch(self, xs, noisy, logits) -> None:
+        """Raise if the noisy inputs are not finite (they are then not draws of the noise the
+        certificate assumes) or the logits hold NaN (argmax would pick an arbitrary class).
+        Infinite logits are kept: an argmax over them is still a decision (log-probabilities
+        are often -inf). A sum is finite only if every term is, and costs one fast pass
+        (``isfinite(noisy).all()`` is several times slower); it can only err towards refusing
+        inputs so large that their sum overflows. One device sync for both checks."""
+        noisy_finite, logits_valid = torch.stack(
+            (torch.isfinite(noisy.sum()), ~torch.isnan(logits).any())
+        ).tolist()
+        if noisy_finite and logits_valid:
+            return
+        where = f"noise {self.noise!r}, inputs in [{float(xs.min()):.4g}, {float(xs.max()):.4g}]"
+        if not noisy_finite:
+            raise ValueError(
+                f"the noisy inputs overflow {noisy.dtype} (inf, NaN or values near its limit; {where}): "
+                "the noise cannot be drawn faithfully in this dtype; use a smaller noise scale or a "
+                "float64 model (power-law noise: a larger a - dim, its tail overflows at any scale)"
+            )
+        raise ValueError(
+            f"the model returned NaN logits for noisy inputs ({where}); its votes would be "
+            "arbitrary, so nothing is certified"
+        )
 
     # -- PREDICT ---------------------------------------------------------------
     def predict_batch(self, xs, n: int, alpha: float, batch_size: int = 1000, generator=None) -> list:
