@@ -26,6 +26,7 @@ about every point of the ball.
 from __future__ import annotations
 
 import math
+import os
 from dataclasses import asdict, dataclass
 from typing import Callable
 
@@ -340,11 +341,12 @@ def summarize(violations: list, alpha_certify: float, alpha_check: float) -> dic
 
 
 def load_target(run, device, channels_last: bool = False, amp: str | None = None):
-    """The smoothed classifier a run was certified with (:meth:`TrainedRun.smoothed`): fixed noise,
+    """The smoothed classifier a model was certified with (:meth:`TrainedRun.smoothed`): fixed noise,
     a sound shift mode, or paper mode for an input-dependent generator (the only way `ucan certify`
-    certifies such a run)."""
+    certifies such a run). ``run`` is a run folder or checkpoint of ``ucan train``, or a model
+    already opened by :func:`ucan_smoothing.runs.load_model`."""
     from .runs import load_trained  # the model layer, only for the command
 
-    trained = load_trained(run)
+    trained = load_trained(run) if isinstance(run, (str, os.PathLike)) else run
     return as_target(trained.smoothed(device, paper_mode=trained.input_dependent,
                                       channels_last=channels_last, amp=amp)), trained

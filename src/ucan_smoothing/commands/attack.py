@@ -23,6 +23,7 @@ from ..core.norms import norm_name, parse_norm
 from ..core.streams import image_generator
 from ..data import load_dataset
 from ..fileio import atomic_write_text, file_sha256
+from .model_options import reopen_model
 from ..results import (PER_IMAGE_NON_IDENTITY_KEYS, ResultFileError, ResultWriter, read_results, read_sidecar,
                        sidecar_path)
 
@@ -59,7 +60,8 @@ def run(args) -> int:
         config = {}  # e.g. a file of Cohen et al.'s scripts: --run and --dataset are needed
     run_path = args.run or config.get("checkpoint")
     dataset = args.dataset or config.get("dataset")
-    if run_path is None or dataset is None:
+    external = args.run is None and "model_format" in config  # certified as a model from elsewhere
+    if (run_path is None and not external) or dataset is None:
         raise ValueError(f"{results_path} has no sidecar naming its run and data set: pass --run and --dataset")
     split = args.split or config.get("split", "test")
     data_root = args.data_root if args.data_root is not None else config.get("data_root")
@@ -68,11 +70,12 @@ def run(args) -> int:
               "pass --data-root to choose)", file=sys.stderr)
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     # the classifier the file certified: mixed precision too, if it used it
-    target, trained = load_target(run_path, device, channels_last=args.channels_last, amp=config.get("amp"))
+    model = reopen_model(config, dataset) if external else run_path
+    target, trained = load_target(model, device, channels_last=args.channels_last, amp=config.get("amp"))
     norm = target.primary_norm if args.norm is None else parse_norm(args.norm)
     alpha_certify = float(config.get("alpha", rows[0]["alpha"] if rows and "alpha" in rows[0] else 0.001))
     data = load_dataset(dataset, split, data_root)
-    if "checkpoint_sha256" in config and Path(run_path).is_file() and file_sha256(Path(run_path)) != config["checkpoint_sha256"]:
+    if not external and "checkpoint_sha256" in config and Path(run_path).is_file() and file_sha256(Path(run_path)) != config["checkpoint_sha256"]:
         print(f"warning: {run_path} is not the checkpoint {results_path} was certified with", file=sys.stderr)
 
     column = f"radius_{norm_name(norm)}"
@@ -81,7 +84,7 @@ def run(args) -> int:
     out.parent.mkdir(parents=True, exist_ok=True)
     attack_config = {
         "results": str(results_path.resolve()), "results_sha256": file_sha256(results_path),
-        "run": str(run_path), "dataset": dataset, "split": split, "data_root": data_root,
+        "run": config.get("model_file") or config.get("factory") if external else str(run_path), "dataset": dataset, "split": split, "data_root": data_root,
         "norm": norm_name(norm), "steps": args.steps, "samples": args.samples, "n": args.n, "alpha": args.alpha,
         "batch_size": args.batch_size, "max": args.max, "seed": args.seed,
         "out": str(out), "progress": args.progress, "device": str(device),

@@ -1,20 +1,35 @@
-"""Certify a trained run on a data split, one TSV row per image, resumable.
+"""Certify a model on a data split, one TSV row per image, resumable.
 
-``ucan certify RUN --out results.tsv`` runs Cohen's CERTIFY (or, with
-``--radius``, the sequential test of :mod:`ucan_smoothing.core.sequential`) on every
-``--skip``-th test image, at most ``--max`` of them. Rows are appended as
-images finish; killing the process and running the same command again goes on
-where it stopped. Each image draws its noise from its own seed
-(``--seed`` and its index), so a resumed or multi-process run gives the same
-rows as a single uninterrupted one, and a larger ``--max`` on the same file
-extends it. Under ``torchrun`` the images are split
-across processes, each writes its own part, and rank 0 merges them.
+``ucan certify MODEL --out results.tsv`` runs Cohen's CERTIFY on every
+``--skip``-th test image, at most ``--max`` of them; ``--radius r`` only
+decides each image at one radius (:mod:`ucan_smoothing.core.sequential`) and
+``--radii r1 r2 ...`` the whole certified-accuracy table
+(:mod:`ucan_smoothing.core.grid`), both stopping as soon as the answer is
+known. ``MODEL`` is anything :func:`ucan_smoothing.runs.load_model` opens: a
+``ucan train`` run, a Cohen-layout checkpoint, a TorchScript file, a
+torchvision ResNet-50 state dict (``--arch resnet50``) or ``--model
+package.module:factory``; a model from elsewhere needs its noise
+(``--noise/--scale``, ``--sigma/--mu``).
 
-What is certified is the run's own smoothed classifier
-(:meth:`~ucan_smoothing.runs.TrainedRun.smoothed`): fixed noise, the sound
-input-adaptive modes (``noisy_shift``: ``f(z + mu(z))`` under fixed noise;
-``lipschitz_shift``: radius ``R / (1 + L)``), or, only with ``--paper-mode``,
-the paper's input-dependent NPG, labelled NOT a certificate.
+Before anything is written the command checks every option, then the input
+contract on a few images (:mod:`ucan_smoothing.contract`: clean and noisy
+accuracy, printed and recorded), and picks the fastest forward batch size
+(``--batch-size auto``, :mod:`ucan_smoothing.core.batch_size`).
+
+Many images are in flight at once (:mod:`ucan_smoothing.core.pool`), so every
+forward batch is full even while sequential stages are small. Image ``idx``
+draws its noise from its own stream of ``(--seed, idx)`` whatever the batch
+size, the pool or the number of processes, so a resumed or multi-process run
+gives the rows of a single uninterrupted one (up to logit ties broken by
+batch-dependent rounding, see the pool's docstring), and a larger ``--max``
+extends a file. Under ``torchrun`` the images are split across processes,
+each writes its own part, and rank 0 merges them.
+
+What is certified is the model's own smoothed classifier: fixed noise, the
+sound input-adaptive modes (``noisy_shift``: ``f(z + mu(z))`` under fixed
+noise; ``lipschitz_shift``: radius ``R / (1 + L)``, certified one image at a
+time), or, only with ``--paper-mode``, the paper's input-dependent NPG,
+labelled NOT a certificate.
 """
 
 from __future__ import annotations
@@ -23,17 +38,22 @@ import argparse
 import time
 from pathlib import Path
 
+import torch
 from tqdm.auto import tqdm
 
+from ..contract import DEFAULT_IMAGES, check_input_contract
+from ..core.batch_size import fastest_batch_size
 from ..core.certificate import ABSTAIN, Certificate
+from ..core.grid import check_radii, plan_grid
 from ..core.norms import norm_name, parse_norm
-from ..core.sequential import DEFAULT_STAGES, certify_radius, check_budget, geometric_schedule, p_needed
+from ..core.pool import QUANTUM, certify_grid_pool, certify_pool, certify_radius_pool, plan_radius
+from ..core.smooth import Smooth
 from ..core.statistics import check_alpha, check_can_certify, check_count
 from ..core.streams import image_generator
 from ..data import load_dataset
 from ..distributed import cleanup, init_distributed
-from ..fileio import file_sha256
 from ..results import (
+    GRID_COLUMNS,
     PER_IMAGE_NON_IDENTITY_KEYS,
     RESULT_SCHEMA,
     SEQUENTIAL_COLUMNS,
@@ -44,97 +64,202 @@ from ..results import (
     shard_path,
     split_indices,
 )
-from ..runs import load_trained, run_checkpoint
+from .model_options import add_model_options, model_identity, open_model
+
+#: the noise streams of the pool: part of a file's identity (rows of another stream definition differ)
+NOISE_STREAMS = f"pool-quanta-{QUANTUM}"
+#: config keys that change how fast rows come, not what they are (with the pool's streams)
+SPEED_KEYS = ("batch_size", "batch_probe", "pool_size", "contract")
+
+
+def batch_size_option(text: str):
+    if text == "auto":
+        return text
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"--batch-size takes a number or auto, got {text!r}") from None
 
 
 def configure(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("run", help="run folder or checkpoint written by `ucan train`")
+    add_model_options(parser)
     parser.add_argument("--out", required=True, help="result file (TSV); a JSON sidecar is written beside it")
-    parser.add_argument("--dataset", default=None, help="data set (default: the one the model was trained on)")
+    parser.add_argument("--dataset", default=None, help="data set (default: the one the model is for)")
     parser.add_argument("--split", default="test", help="train, test or foolbox (the real sample images)")
     parser.add_argument("--data-root", default=None, help="folder of the data set in its standard format")
-    parser.add_argument("--n0", type=int, default=100, help="selection samples (default 100)")
-    parser.add_argument("--n", type=int, default=100_000, help="estimation samples (default 100,000)")
-    parser.add_argument("--alpha", type=float, default=0.001, help="failure probability (default 0.001)")
-    parser.add_argument("--batch-size", type=int, default=1000, help="noisy samples per forward pass")
-    parser.add_argument("--skip", type=int, default=1, help="certify every k-th image (default 1)")
+    parser.add_argument("--n0", type=int, default=100, help="selection samples")
+    parser.add_argument("--n", type=int, default=100_000,
+                        help="estimation samples (with --radius/--radii: at most this many)")
+    parser.add_argument("--alpha", type=float, default=0.001, help="failure probability")
+    parser.add_argument("--batch-size", type=batch_size_option, default="auto",
+                        help="noisy samples per forward pass; auto: a short probe picks the fastest")
+    parser.add_argument("--pool-size", type=int, default=None,
+                        help="images in flight at once (default: as many as fill the batches)")
+    parser.add_argument("--skip", type=int, default=1, help="certify every k-th image")
     parser.add_argument("--max", type=int, default=None, help="certify at most this many images")
     parser.add_argument("--seed", type=int, default=0, help="noise seed; image i uses (seed, i)")
     parser.add_argument("--device", default=None, help="cpu, cuda, cuda:1 (default: cuda when available)")
     parser.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=True,
                         help="store the classifier's conv weights channels-last: same outputs up to rounding, "
-                             "faster convolutions (default: on)")
+                             "faster convolutions")
     parser.add_argument("--amp", choices=("bf16", "fp16"), default=None,
                         help="run the classifier in mixed precision (for GPUs); certifies that classifier")
-    parser.add_argument("--radius", type=float, default=None,
-                        help="sequential mode: only decide whether each image is certified at this radius")
-    parser.add_argument("--norm", default=None, help="norm of --radius (default: the noise's native norm)")
-    parser.add_argument("--method", choices=("cp", "betting"), default="cp", help="sequential test (default cp)")
+    mode = parser.add_mutually_exclusive_group()
+    mode.add_argument("--radius", type=float, default=None,
+                      help="sequential mode: only decide whether each image is certified at this radius")
+    mode.add_argument("--radii", type=float, nargs="+", default=None, metavar="R",
+                      help="grid mode: the largest of these radii at which each image is certified "
+                           "(a whole certified-accuracy table)")
+    parser.add_argument("--norm", default=None,
+                        help="norm of --radius / --radii: l1, l2, linf (default: the noise's native norm)")
+    parser.add_argument("--method", choices=("cp", "betting"), default="cp", help="sequential test of --radius")
+    parser.add_argument("--contract-images", type=int, default=DEFAULT_IMAGES,
+                        help="images for the input-contract check (clean vs noisy accuracy)")
+    parser.add_argument("--no-contract-check", dest="contract_check", action="store_false",
+                        help="certify even when the input-contract check finds accuracy at chance")
     parser.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
     parser.add_argument("--paper-mode", action="store_true",
                         help="certify an input-dependent NPG as the paper does (sigma(x), mu(x) frozen at the clean "
                              "input): reproduces its numbers, NOT a certificate (rows get is_certificate=false)")
 
 
-def _sequential_certificate(smooth, x, args, generator) -> Certificate:
-    """A certificate built from the sequential test's stopping bound (valid, see sequential.py)."""
-    decision = certify_radius(smooth, x, args.radius, args.norm, args.alpha, n0=args.n0, max_n=args.n,
-                              method=args.method, batch_size=args.batch_size, generator=generator)
-    abstain = decision.p_lower <= 0.5
-    return Certificate(
-        prediction=ABSTAIN if abstain else decision.selected,
-        p_lower=decision.p_lower,
-        norm=smooth.noise.primary_norm,
-        regions=() if abstain else tuple(smooth.noise.regions(decision.p_lower, tuple(x.shape))),
-        is_certificate=smooth.noise.is_certificate,
-        n0=decision.n0,
-        n=decision.n,
-        alpha=args.alpha,
-        top_count=decision.top_count,
-    ), decision
-
-
-def _check_mode(trained, args) -> bool:
-    """True for a paper-mode run; refuses the combinations with the sequential mode that are not proven.
-    (An input-dependent NPG without --paper-mode, and the reverse, are refused by ``trained.smoothed``.)"""
-    paper_mode = getattr(args, "paper_mode", False)
-    if paper_mode and args.radius is not None:
-        raise ValueError("--paper-mode cannot be combined with the sequential mode (--radius)")
-    if getattr(trained.shift, "clean_input", False) and args.radius is not None:
-        raise ValueError("the sequential mode (--radius) is not available for a lipschitz_shift run: certify it "
-                         "without --radius (its radius is R / (1 + L))")
-    return paper_mode
+# -- checks, all before anything is written --------------------------------------------------------
 
 
 def _check_options(args) -> None:
     """The options that need no file, checked before anything is loaded or written."""
     check_alpha(args.alpha)
-    for name, value in (("--n0", args.n0), ("--n", args.n), ("--batch-size", args.batch_size), ("--skip", args.skip)):
+    for name, value in (("--n0", args.n0), ("--n", args.n), ("--skip", args.skip),
+                        ("--contract-images", args.contract_images)):
         check_count(name, value)
-    if args.max is not None:
-        check_count("--max", args.max)
-    if args.radius is None:
+    for name, value in (("--batch-size", None if args.batch_size == "auto" else args.batch_size),
+                        ("--max", args.max), ("--pool-size", args.pool_size)):
+        if value is not None:
+            check_count(name, value)
+    if args.radius is None and args.radii is None:
         if args.norm is not None:
-            raise ValueError("--norm only applies with --radius (the sequential mode); without it every row has "
+            raise ValueError("--norm only applies with --radius or --radii; without them every row has "
                              "the certified radius in each norm (radius_l1, radius_l2, radius_linf)")
         check_can_certify(args.n, args.alpha)
     elif args.norm is not None:
         parse_norm(args.norm)
+    if args.radii is not None:
+        check_radii(args.radii)
 
 
-def _check_first_image(trained, smooth, data, indices, args) -> None:
-    """The checks that need the data: one image at least, of the model's shape, and (sequential mode)
-    a radius that this noise reaches within --n samples."""
+def _check_mode(model, args) -> bool:
+    """True for a paper-mode run; refuses the combinations with the sequential modes that are not proven.
+    (An input-dependent NPG without --paper-mode, and the reverse, are refused by ``model.smoothed``.)"""
+    paper_mode = getattr(args, "paper_mode", False)
+    sequential = args.radius is not None or args.radii is not None
+    if paper_mode and sequential:
+        raise ValueError("--paper-mode cannot be combined with --radius or --radii")
+    if getattr(model.shift, "clean_input", False) and sequential:
+        raise ValueError("the sequential mode (--radius, --radii) is not available for a lipschitz_shift run: "
+                         "certify it without them (its radius is R / (1 + L))")
+    return paper_mode
+
+
+def _check_first_image(model, smooth, data, indices, args) -> tuple:
+    """The checks that need the data: one image at least, of the model's shape, and a radius (or grid)
+    that this noise reaches within --n samples. Returns the input shape."""
     if not indices:
         raise ValueError(f"the {args.split} split has no images to certify")
     shape = tuple(data[indices[0]][0].shape)
-    if shape != tuple(trained.input_shape):
+    if shape != tuple(model.input_shape):
         raise ValueError(f"image {indices[0]} of the {args.split} split has shape {shape} but the model "
-                         f"takes {tuple(trained.input_shape)}")
+                         f"takes {tuple(model.input_shape)}")
     if args.radius is not None:
-        threshold = p_needed(smooth.noise, args.radius, args.norm, shape)
-        schedule = geometric_schedule(args.n, DEFAULT_STAGES[args.method])  # as certify_radius draws them
-        check_budget(args.method, schedule, threshold, args.alpha, args.radius, n_name="--n", stages_hint=False)
+        plan_radius(smooth.noise, args.radius, args.norm, shape, args.alpha, max_n=args.n, method=args.method,
+                    n_name="--n")
+    if args.radii is not None:
+        plan_grid(smooth.noise, args.radii, args.norm, shape, args.alpha, max_n=args.n, n_name="--n")
+    return shape
+
+
+def _contract(model, smooth, data, indices, args):
+    """The input-contract check on the first images; stops (before any file) when it looks broken."""
+    chosen = indices[: args.contract_images]
+    images, labels = zip(*(data[i] for i in chosen))
+    report = check_input_contract(smooth, getattr(smooth, "model", model.model), torch.stack(images),
+                                  [int(label) for label in labels], model.num_classes, seed=args.seed)
+    print(report.line())
+    problem = report.problem()
+    if problem and args.contract_check:
+        raise ValueError(f"{problem}. Check the input range ([0, 1]), the normalisation (inside the model) and "
+                         "the noise units, or pass --no-contract-check to certify anyway")
+    if problem:
+        print(f"warning: {problem} (certifying anyway: --no-contract-check)")
+    return report
+
+
+def _batch_size(smooth, x, args, device) -> tuple:
+    """``(batch size, probe measurements or None)``: the fixed --batch-size, or the probe's fastest."""
+    if args.batch_size != "auto":
+        return args.batch_size, None
+    if not isinstance(smooth, Smooth):
+        return 1000, None  # input-adaptive modes draw their own noise per image
+    best, measurements = fastest_batch_size(smooth.model, smooth.noise, x, device=device)
+    return best, [{k: round(v, 6) if isinstance(v, float) else v for k, v in m.items()} for m in measurements]
+
+
+# -- rows ------------------------------------------------------------------------------------------
+
+
+def _certificate_from(decision, noise, shape, alpha) -> Certificate:
+    """The certificate of a sequential or grid decision: its stopping bound is a valid ``p_lower``
+    (jointly with every other stage, see core/sequential.py and core/grid.py)."""
+    abstain = decision.p_lower <= 0.5
+    return Certificate(
+        prediction=ABSTAIN if abstain else decision.selected,
+        p_lower=decision.p_lower,
+        norm=noise.primary_norm,
+        regions=() if abstain else tuple(noise.regions(decision.p_lower, shape)),
+        is_certificate=noise.is_certificate,
+        n0=decision.n0,
+        n=decision.n,
+        alpha=alpha,
+        top_count=decision.top_count,
+    )
+
+
+def _results(smooth, data, todo, labels, shape, args, batch_size, device):
+    """``(idx, certificate, extra columns, seconds)`` for every image of ``todo``, in order; each
+    image's label goes into ``labels`` as it is read (once: on-disk images are decoded once)."""
+    def images():
+        for idx in todo:
+            x, labels[idx] = data[idx]
+            yield idx, x
+
+    if not isinstance(smooth, Smooth):  # paper mode, lipschitz_shift, ...: their own noise per image
+        for idx, x in images():
+            start = time.perf_counter()
+            certificate = smooth.certify(x, args.n0, args.n, args.alpha, batch_size,
+                                         generator=image_generator(args.seed, idx, device))
+            yield idx, certificate, {}, time.perf_counter() - start
+        return
+    items = images()
+    common = dict(seed=args.seed, batch_size=batch_size, pool_size=args.pool_size)
+    if args.radius is not None:
+        mode = f"sequential-{args.method}"
+        pool = certify_radius_pool(smooth, items, args.radius, args.norm, args.alpha, n0=args.n0, max_n=args.n,
+                                   method=args.method, input_shape=shape, **common)
+    elif args.radii is not None:
+        mode = "grid-cp"
+        pool = certify_grid_pool(smooth, items, args.radii, args.norm, args.alpha, n0=args.n0, max_n=args.n,
+                                 input_shape=shape, **common)
+    else:
+        pool = certify_pool(smooth, items, args.n0, args.n, args.alpha, **common)
+    for idx, result, seconds in pool:
+        if args.radius is not None:
+            extra = dict(mode=mode, decided_radius=args.radius, certified=result.certified,
+                         samples_used=result.samples_used)
+        elif args.radii is not None:
+            extra = dict(mode=mode, grid_radius=result.certified_radius, samples_used=result.samples_used)
+        else:
+            yield idx, result, {}, seconds
+            continue
+        yield idx, _certificate_from(result, smooth.noise, shape, args.alpha), extra, seconds
 
 
 def run(args) -> int:
@@ -147,59 +272,68 @@ def run(args) -> int:
 
 def _certify(args, context) -> int:
     _check_options(args)
-    run_path = Path(args.run)
-    trained = load_trained(run_path, expected_dataset=args.dataset)
-    dataset_name = args.dataset or trained.meta["dataset"]
-    paper_mode = _check_mode(trained, args)
-    smooth = trained.smoothed(context.device, paper_mode=paper_mode, channels_last=args.channels_last,
-                              amp=args.amp)
-    noise = trained.base_noise if paper_mode else trained.noise()
+    model = open_model(args)
+    dataset_name = args.dataset or model.meta["dataset"]
+    paper_mode = _check_mode(model, args)
+    smooth = model.smoothed(context.device, paper_mode=paper_mode, channels_last=args.channels_last, amp=args.amp)
+    noise = model.base_noise if paper_mode else model.noise()
     is_certificate = noise.is_certificate and not paper_mode
-    sequential = args.radius is not None
+    sequential = args.radius is not None or args.radii is not None
     if sequential:
         args.norm = noise.primary_norm if args.norm is None else parse_norm(args.norm)
     data = load_dataset(dataset_name, args.split, args.data_root)
     indices = list(range(0, len(data), args.skip))[: args.max]
-    _check_first_image(trained, smooth, data, indices, args)  # last check: nothing is written before it
+    shape = _check_first_image(model, smooth, data, indices, args)
+    # the contract's images: the first of the split's every --skip-th, however few --max asks for
+    contract_indices = range(0, len(data), args.skip)[: args.contract_images]
+    report = _contract(model, smooth, data, contract_indices, args) if context.is_main else None
+    batch_size, probe = _batch_size(smooth, data[indices[0]][0], args, context.device)
 
+    if args.radius is not None:
+        mode, schema = f"sequential-{args.method}", RESULT_SCHEMA.with_columns(*SEQUENTIAL_COLUMNS)
+    elif args.radii is not None:
+        mode, schema = "grid-cp", RESULT_SCHEMA.with_columns(*GRID_COLUMNS)
+    else:
+        mode, schema = ("paper" if paper_mode else "certify"), RESULT_SCHEMA
+    pooled = isinstance(smooth, Smooth)
     config = {
-        "checkpoint": str(run_checkpoint(run_path).resolve()),
-        "checkpoint_sha256": file_sha256(run_checkpoint(run_path)),
+        **model_identity(args, model),
         "dataset": dataset_name, "split": args.split, "data_root": args.data_root,
-        "n0": args.n0, "n": args.n, "alpha": args.alpha, "batch_size": args.batch_size,
+        "n0": args.n0, "n": args.n, "alpha": args.alpha, "batch_size": batch_size,
         "skip": args.skip, "max": args.max, "seed": args.seed,
-        "noise": noise.describe(), "npg": trained.description(),
-        "is_certificate": is_certificate,
-        "mode": f"sequential-{args.method}" if sequential else ("paper" if paper_mode else "certify"),
+        "noise": noise.describe(), "npg": model.description(),
+        "is_certificate": is_certificate, "mode": mode,
         "radius": args.radius, "norm": norm_name(args.norm) if sequential else None,
         "out": str(args.out), "progress": args.progress, "device": str(context.device),
         "channels_last": args.channels_last,
+        "noise_streams": NOISE_STREAMS if pooled else "per-image-generator",
+        "batch_probe": probe, "pool_size": args.pool_size,
+        "contract": None if report is None else report.to_dict(),
     }
+    if args.radii is not None:
+        config["radii"] = sorted(set(args.radii))
     if args.amp:  # only when set, so files of float32 runs keep their config
         config["amp"] = args.amp
+    # with the pool's streams the batch size changes the speed, not the rows
+    non_identity = PER_IMAGE_NON_IDENTITY_KEYS + (SPEED_KEYS if pooled else SPEED_KEYS[1:])
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     target = shard_path(out, context.rank, context.world_size) if context.distributed else out
-    schema = RESULT_SCHEMA.with_columns(*SEQUENTIAL_COLUMNS) if sequential else RESULT_SCHEMA
     noise_text, npg_text = describe_noise(noise), config["npg"]
+    if context.is_main and args.progress:
+        print(f"batch size {batch_size}" + (" (fastest of the probe)" if probe else ""))
 
-    with ResultWriter(target, config, schema=schema, non_identity=PER_IMAGE_NON_IDENTITY_KEYS) as writer:
-        mine = [i for i in split_indices(indices, context.rank, context.world_size) if i not in writer.done_indices()]
-        done = len(split_indices(indices, context.rank, context.world_size)) - len(mine)
-        bar = tqdm(total=len(mine) + done, initial=done, unit="image", disable=not (args.progress and context.is_main))
+    with ResultWriter(target, config, schema=schema, non_identity=non_identity) as writer:
+        mine = split_indices(indices, context.rank, context.world_size)
+        todo = [i for i in mine if i not in writer.done_indices()]
+        bar = tqdm(total=len(mine), initial=len(mine) - len(todo), unit="image",
+                   disable=not (args.progress and context.is_main))
         certified = abstained = finished = 0
-        for idx in mine:
-            x, label = data[idx]
-            start = time.perf_counter()
-            generator = image_generator(args.seed, idx, context.device)
-            if sequential:
-                certificate, decision = _sequential_certificate(smooth, x, args, generator)
-            else:
-                certificate = smooth.certify(x, args.n0, args.n, args.alpha, args.batch_size, generator=generator)
-            row = row_from_certificate(idx, int(label), certificate, time.perf_counter() - start, noise_text, npg_text)
-            if sequential:
-                row.update(mode=config["mode"], decided_radius=args.radius, certified=decision.certified,
-                           samples_used=decision.samples_used)
+        labels = {}
+        for idx, certificate, extra, seconds in _results(smooth, data, todo, labels, shape, args, batch_size,
+                                                         context.device):
+            row = row_from_certificate(idx, int(labels.pop(idx)), certificate, seconds, noise_text, npg_text)
+            row.update(extra)
             writer.write(row)
             finished += 1
             abstained += certificate.abstained
@@ -211,9 +345,10 @@ def _certify(args, context) -> int:
     if context.distributed:
         context.barrier()
         if context.is_main:
-            merge_shards(out, context.world_size, expected_indices=indices, non_identity=PER_IMAGE_NON_IDENTITY_KEYS)
+            merge_shards(out, context.world_size, expected_indices=indices, non_identity=non_identity)
         context.barrier()
     if context.is_main:
         label = "" if is_certificate else " (NOT a certificate: paper-mode figures)"
         print(f"wrote {out} ({len(indices)} images){label}")
     return 0
+

@@ -196,8 +196,10 @@ class GridPlan:
         )
 
 
-def plan_grid(noise, radii, norm, input_shape, alpha, *, max_n=100_000, stages=None, first=100) -> GridPlan:
+def plan_grid(noise, radii, norm, input_shape, alpha, *, max_n=100_000, stages=None, first=100,
+              n_name: str = "max_n") -> GridPlan:
     """Check a grid and fix its thresholds and stages (``alpha`` split evenly over the stages).
+    ``n_name`` names the sample budget in messages (``--n`` for the command).
 
     Raises ``ValueError`` for a grid radius this noise cannot certify for any ``p_lower < 1``
     (naming the largest one it can), and when ``max_n`` cannot reach even the smallest threshold.
@@ -221,10 +223,10 @@ def plan_grid(noise, radii, norm, input_shape, alpha, *, max_n=100_000, stages=N
         # all N votes for cA give stage_alpha^(1/N): it must reach the smallest threshold
         needed = math.ceil(math.log(stage_alpha) / math.log(thresholds[0]))
         raise ValueError(
-            f"max_n={schedule[-1]} is too small to certify any grid radius: the smallest, {radii[0]:g} in "
+            f"{n_name}={schedule[-1]} is too small to certify any grid radius: the smallest, {radii[0]:g} in "
             f"{norm_name(norm)}, needs p_lower >= {thresholds[0]:.6g}, out of reach with alpha={alpha} split "
             f"over {len(schedule)} stages ({stage_alpha:.3g} each) even if every sample votes for the top "
-            f"class; use max_n >= {needed} or fewer stages"
+            f"class; use {n_name} >= {needed}" + (" or fewer stages" if n_name == "max_n" else "")
         )
     return plan
 

@@ -212,13 +212,14 @@ class RadiusPlan:
 
 
 def plan_radius(noise, radius, norm, input_shape, alpha, *, max_n=100_000, stages=None, first=100,
-                method="cp") -> RadiusPlan:
+                method="cp", n_name: str = "max_n") -> RadiusPlan:
+    """The checked plan of one radius; ``n_name`` names the sample budget in messages (``--n``)."""
     alpha = check_alpha(alpha)
     method = _check_method(method)
     norm = parse_norm(norm)
     threshold = p_needed(noise, radius, norm, tuple(input_shape))
     schedule = geometric_schedule(max_n, DEFAULT_STAGES[method] if stages is None else stages, first)
-    check_budget(method, schedule, threshold, alpha, float(radius))
+    check_budget(method, schedule, threshold, alpha, float(radius), n_name=n_name, stages_hint=n_name == "max_n")
     return RadiusPlan(float(radius), norm, alpha, method, threshold, schedule)
 
 

@@ -110,8 +110,17 @@ SEQUENTIAL_COLUMNS = (
     Column("certified", "bool"),  # decided: certified at decided_radius (the sequential test's answer)
     Column("samples_used", "int"),
 )
+#: for the grid mode (a whole certified-accuracy table): ``grid_radius`` is the largest radius of the
+#: grid, in the file's grid norm, at which the image is certified (0 when none is; with ``correct``
+#: 0 when it abstains), so the certified accuracy at a grid radius r is the fraction of rows with
+#: ``correct == 1`` and ``grid_radius >= r``
+GRID_COLUMNS = (
+    Column("mode", "str"),
+    Column("grid_radius", "float"),
+    Column("samples_used", "int"),
+)
 #: kinds the reader uses for columns it meets; other columns get the narrowest kind that fits
-KNOWN_COLUMNS = {column.name: column for column in COHEN_COLUMNS + UCAN_COLUMNS + SEQUENTIAL_COLUMNS}
+KNOWN_COLUMNS = {column.name: column for column in COHEN_COLUMNS + UCAN_COLUMNS + SEQUENTIAL_COLUMNS + GRID_COLUMNS}
 
 
 @dataclass(frozen=True)

@@ -1,0 +1,99 @@
+"""The options that name a model, shared by ``ucan certify``, ``ucan predict`` and ``ucan attack``.
+
+``MODEL`` is a run folder or checkpoint of ``ucan train``, a checkpoint in
+Cohen et al.'s layout, a TorchScript file, or (with ``--arch resnet50``) a
+torchvision-style state dict; ``--model package.module:factory`` names any
+other model. A model not trained here is certified under the noise given by
+``--noise/--scale`` (and ``--sigma/--mu`` for fixed anisotropic noise).
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+
+from ..core.noises import FAMILIES, make_noise
+from ..runs import load_model
+
+
+def add_model_options(parser: argparse.ArgumentParser, *, positional: bool = True) -> None:
+    if positional:
+        parser.add_argument("model", nargs="?", default=None, metavar="MODEL",
+                            help="run folder or checkpoint of `ucan train`, a Cohen et al. checkpoint "
+                                 "({'arch', 'state_dict'}), a TorchScript file, or a state dict with --arch")
+    group = parser.add_argument_group("a model not trained by `ucan train` (with its fixed noise)")
+    group.add_argument("--model", dest="factory", default=None, metavar="PACKAGE.MODULE:FACTORY",
+                       help="a function returning your torch.nn.Module (inputs in [0, 1], normalisation inside)")
+    group.add_argument("--weights", default=None, help="state dict for --model (read with weights_only=True)")
+    group.add_argument("--arch", choices=("resnet50",), default=None,
+                       help="read MODEL as a plain state dict of this architecture (torchvision-style)")
+    group.add_argument("--noise", choices=sorted(FAMILIES), default=None,
+                       help="noise family the model is smoothed with")
+    group.add_argument("--scale", type=float, default=None,
+                       help="noise level lambda, in pixel units of [0, 1] inputs")
+    group.add_argument("--power-a", type=float, default=None, help="exponent a of the power-law family")
+    group.add_argument("--sigma", default=None, metavar="FILE.pt",
+                       help="fixed per-pixel noise scale (a tensor of the input's shape): anisotropic noise")
+    group.add_argument("--mu", default=None, metavar="FILE.pt", help="fixed noise shift (a tensor of the input's shape)")
+    group.add_argument("--num-classes", type=int, default=None,
+                       help="number of classes (default: the data set's; checked against the model's logits)")
+
+
+def noise_from_args(args):
+    """The isotropic family of ``--noise/--scale`` (None when not given); one clear error otherwise."""
+    if args.noise is None:
+        if args.scale is not None or args.power_a is not None:
+            raise ValueError("--scale and --power-a need --noise FAMILY")
+        if args.sigma is not None or args.mu is not None:
+            raise ValueError("--sigma and --mu shape the noise of --noise FAMILY --scale LAMBDA: give those too")
+        return None
+    if args.scale is None:
+        raise ValueError(f"--noise {args.noise} needs --scale LAMBDA (in pixel units of [0, 1] inputs)")
+    if not (math.isfinite(args.scale) and args.scale > 0):
+        raise ValueError(f"--scale must be finite and > 0, got {args.scale}")
+    params = {} if args.power_a is None else {"a": args.power_a}
+    return make_noise(args.noise, args.scale, **params)
+
+
+def open_model(args):
+    """The model the options name (:func:`ucan_smoothing.runs.load_model`)."""
+    if args.num_classes is not None and args.num_classes < 2:
+        raise ValueError(f"--num-classes must be >= 2, got {args.num_classes}")
+    return load_model(args.model, arch=args.arch, factory=args.factory, weights=args.weights,
+                      noise=noise_from_args(args), sigma=args.sigma, mu=args.mu,
+                      dataset=getattr(args, "dataset", None), num_classes=args.num_classes)
+
+
+def model_identity(args, loaded) -> dict:
+    """What the result file's config records about the model (its identity for resuming)."""
+    from ..fileio import file_sha256
+    from ..runs import ExternalModel, run_checkpoint
+
+    if not isinstance(loaded, ExternalModel):
+        checkpoint = run_checkpoint(args.model)
+        return {"checkpoint": str(checkpoint.resolve()), "checkpoint_sha256": file_sha256(checkpoint)}
+    identity = {"model_format": loaded.meta["format"], "base_noise": loaded.base_noise.describe()}
+    for key, option in (("model_file", args.model), ("weights", args.weights), ("sigma", args.sigma),
+                        ("mu", args.mu)):
+        if option is not None:
+            identity[key] = str(option)
+            identity[f"{key}_sha256"] = file_sha256(option)
+    if args.factory is not None:
+        identity["factory"] = args.factory
+    for key in ("arch", "normalization", "input_shape", "num_classes"):
+        if key in loaded.meta:
+            identity[key] = loaded.meta[key]
+    return identity
+
+
+def reopen_model(config: dict, dataset: str | None = None):
+    """The model a result file's config names (``model_identity``): a ``ucan train`` checkpoint, or a
+    model from elsewhere with the noise it was certified under."""
+    if "model_format" not in config:
+        return load_model(config["checkpoint"], dataset=dataset)
+    base = dict(config["base_noise"])
+    noise = make_noise(base.pop("family"), base.pop("scale"), **{k: v for k, v in base.items() if k == "a"})
+    return load_model(config.get("model_file"), arch=config.get("arch") if config["model_format"] == "torchvision"
+                      else None, factory=config.get("factory"), weights=config.get("weights"), noise=noise,
+                      sigma=config.get("sigma"), mu=config.get("mu"), dataset=dataset or config.get("dataset"),
+                      num_classes=config.get("num_classes"))
