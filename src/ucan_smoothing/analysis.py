@@ -91,10 +91,11 @@ class Method:
     label: str
     rows: list
     source: str  # the file, or "<rows>"
-    kind: str  # "ucan", "sequential" or "cohen"
+    kind: str  # "ucan", "sequential", "grid" or "cohen"
     is_certificate: bool | None  # None: the file does not say (Cohen format)
     cohen_norm: str = "l2"
     sha256: str | None = None  # of the file as it was read (None for rows)
+    grid_norm: str | None = None  # grid files: the norm of their grid (from the sidecar)
 
     @property
     def guarantee(self) -> str:
@@ -113,6 +114,10 @@ class Method:
     def _column(self, norm: str) -> str | None:
         if self.kind == "cohen":
             return "radius" if norm == self.cohen_norm else None
+        if self.kind == "grid" and norm == self.grid_norm:
+            # the grid's own answer: certified at r exactly when some grid radius >= r is, so the
+            # curve is a step function, exact at every grid radius
+            return "grid_radius"
         return "alm" if norm == "alm" else f"radius_{norm}"
 
     def sampling(self) -> tuple | None:
@@ -156,8 +161,20 @@ def load_method(source, label: str | None = None, cohen_norm: str = "l2") -> Met
             f"{where} mixes proven certificates with {count} rows that are NOT certificates "
             "(is_certificate false); analyse them as separate files so no figure blends the two"
         )
+    if "grid_radius" in rows[0]:
+        return Method(label, rows, where, "grid", flags.pop(), cohen_norm, digest, _grid_norm(source))
     kind = "sequential" if "samples_used" in rows[0] else "ucan"
     return Method(label, rows, where, kind, flags.pop(), cohen_norm, digest)
+
+
+def _grid_norm(source) -> str | None:
+    """The grid norm a grid file's sidecar records (None for rows given directly)."""
+    if not isinstance(source, (str, os.PathLike)):
+        return None
+    try:
+        return read_sidecar(source)["config"].get("norm")
+    except ResultFileError:
+        return None
 
 
 def load_methods(sources, labels=None, cohen_norm: str = "l2") -> list:
@@ -215,6 +232,8 @@ def _kind_text(method: Method) -> str:
     if method.kind == "sequential":
         decided = _unique(method.rows, "decided_radius")
         return f"sequential ({_unique(method.rows, 'mode')}, decided at r = {decided})"
+    if method.kind == "grid":
+        return f"grid ({_unique(method.rows, 'mode')}, {method.grid_norm or 'norm not recorded'}: steps at the grid)"
     return "certify"
 
 
@@ -222,7 +241,7 @@ def summarize_method(method: Method, radii: dict) -> dict:
     """The summary row of one method (see :func:`summarize`)."""
     rows = method.rows
     count = len(rows)
-    if method.kind == "sequential":
+    if method.kind in ("sequential", "grid"):
         samples = float(np.mean([row["samples_used"] for row in rows]))
     elif method.kind == "ucan":
         samples = float(np.mean([row["n0"] + row["n"] for row in rows]))
@@ -419,10 +438,11 @@ def _legend_label(method: Method, cap_drawn: bool) -> str:
     sampling = method.sampling()
     if method.kind == "cohen":
         text = f"{method.label}: {images} (Cohen format: n, alpha not recorded; no CP cap)"
-    elif method.kind == "sequential":
+    elif method.kind in ("sequential", "grid"):
         alphas = _unique(method.rows, "alpha")
         most = max(row["samples_used"] for row in method.rows)
-        text = (f"{method.label}: sequential, up to {most:,} samples, alpha = {alphas}, {images} "
+        what = "grid mode (steps at the grid radii)" if method.kind == "grid" else "sequential"
+        text = (f"{method.label}: {what}, up to {most:,} samples, alpha = {alphas}, {images} "
                 "(no single n: no CP cap drawn)")
     elif sampling is None:
         text = f"{method.label}: no single n and alpha in the rows, {images} (no CP cap drawn)"

@@ -1,0 +1,75 @@
+"""`ucan certify --radii`: a whole certified-accuracy table in one sequential pass, read by `ucan analyze`."""
+
+import pytest
+
+from ucan_smoothing.analysis import accuracy_key, load_method, summarize
+from ucan_smoothing.cli import main
+from ucan_smoothing.results import read_results, read_sidecar
+from ucan_smoothing.training import train_classifier
+
+RADII = ["0", "0.25", "0.5", "0.75"]
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory):
+    try:
+        return train_classifier(max_train=512, max_test=64, epochs=1, out=str(tmp_path_factory.mktemp("run") / "r"),
+                                progress=False, seed=0, scale=0.5)
+    except FileNotFoundError as error:  # MNIST wheel not installed
+        pytest.skip(str(error))
+
+
+def grid_args(run_dir, out, *extra):
+    return ["certify", str(run_dir), "--out", str(out), "--radii", *RADII, "--norm", "l2", "--n", "3000",
+            "--n0", "50", "--skip", "7", "--max", "6", "--no-progress", "--no-contract-check", *extra]
+
+
+def without_time(rows):
+    return [{k: v for k, v in row.items() if k != "time"} for row in rows]
+
+
+def test_grid_rows_and_the_table_analyze_reads(run_dir, tmp_path):
+    out = tmp_path / "grid.tsv"
+    assert main(grid_args(run_dir, out, "--batch-size", "256")) == 0
+    rows = read_results(out)
+    config = read_sidecar(out)["config"]
+    assert config["mode"] == "grid-cp" and config["radii"] == [0.0, 0.25, 0.5, 0.75] and config["norm"] == "l2"
+    for row in rows:
+        assert row["mode"] == "grid-cp" and row["grid_radius"] in (0.0, 0.25, 0.5, 0.75)
+        assert row["samples_used"] <= 50 + 3000
+        # the stopping bound is a valid p_lower, and its radius reaches the grid's answer
+        if row["predict"] != -1:
+            assert row["radius_l2"] >= row["grid_radius"] - 1e-9
+    method = load_method(out)
+    assert method.kind == "grid" and method.grid_norm == "l2"
+    summary = summarize([method], radii={"l2": [0.0, 0.25, 0.5, 0.75]})[0]
+    for r in (0.0, 0.25, 0.5, 0.75):
+        exact = sum(row["correct"] == 1 and row["grid_radius"] >= r for row in rows) / len(rows)
+        assert summary[accuracy_key("l2", r)] == exact
+    assert summary["samples per image"] < 50 + 3000  # it stopped early somewhere
+    assert summary["format"].startswith("grid (grid-cp, l2")
+
+
+def test_grid_rows_do_not_depend_on_the_batch_size_or_the_pool(run_dir, tmp_path):
+    first = tmp_path / "a.tsv"
+    assert main(grid_args(run_dir, first, "--batch-size", "1000")) == 0
+    second = tmp_path / "b.tsv"
+    assert main(grid_args(run_dir, second, "--batch-size", "96", "--pool-size", "2")) == 0
+    assert without_time(read_results(first)) == without_time(read_results(second))
+
+
+def test_a_resumed_grid_file_may_change_its_batch_size(run_dir, tmp_path):
+    out = tmp_path / "g.tsv"
+    assert main(grid_args(run_dir, out, "--batch-size", "128", "--max", "3")) == 0
+    assert main(grid_args(run_dir, out, "--batch-size", "512")) == 0  # extends it: the speed keys may change
+    reference = tmp_path / "ref.tsv"
+    assert main(grid_args(run_dir, reference, "--batch-size", "256")) == 0
+    assert without_time(read_results(out)) == without_time(read_results(reference))
+
+
+def test_unreachable_grid_radius_is_refused_before_writing(run_dir, tmp_path, capsys):
+    out = tmp_path / "x.tsv"
+    assert main(["certify", str(run_dir), "--out", str(out), "--radii", "0", "99", "--no-progress"]) == 2
+    error = capsys.readouterr().err.strip().splitlines()
+    assert len(error) == 1 and "grid radius 99 in l2 cannot be certified" in error[0]
+    assert not out.exists()
