@@ -2,6 +2,7 @@
 refusal of a changed config, shard split and merge, Cohen-format files and
 errors that name the line."""
 
+import os
 import random
 import signal
 import subprocess
@@ -189,22 +190,62 @@ def test_split_indices_is_a_deterministic_partition():
         split_indices(indices, 3, 3)
 
 
-def test_merge_shards_in_index_order(tmp_path):
+def write_parts(path, indices, world_size):
+    for rank in range(world_size):
+        part = shard_path(path, rank, world_size)
+        # Each rank's own output path and progress setting must not matter.
+        write_rows(part, reversed(split_indices(indices, rank, world_size)), {**CONFIG, "out": str(part), "progress": rank})
+
+
+def test_merge_shards_in_index_order_then_removes_the_parts(tmp_path):
     path = tmp_path / "out.tsv"
     indices = list(range(11))
-    for rank in range(3):
-        part = shard_path(path, rank, 3)
-        assert part.name == f"out.tsv.part{rank}of3"
-        # Each rank's own output path and progress setting must not matter.
-        write_rows(part, reversed(split_indices(indices, rank, 3)), {**CONFIG, "out": str(part), "progress": rank})
+    write_parts(path, indices, 3)
+    assert shard_path(path, 2, 3).name == "out.tsv.part2of3"
+    parts_and_sidecars = sorted(os.listdir(tmp_path))
+    with pytest.raises(ResultFileError, match="11 images have no row"):
+        merge_shards(path, 3, expected_indices=range(22))
+    assert sorted(os.listdir(tmp_path)) == parts_and_sidecars  # a failed merge keeps the parts
     merge_shards(path, 3, expected_indices=indices)
     assert [row["idx"] for row in read_results(path)] == indices
     assert read_results(path)[4] == fake_row(4)
     assert len(read_sidecar(path)["parts"]) == 3
-    merge_shards(path, 3)  # merging again replaces the main file with the same content
-    assert [row["idx"] for row in read_results(path)] == indices
-    with pytest.raises(ResultFileError, match="11 images have no row"):
-        merge_shards(path, 3, expected_indices=range(22))
+    # Parts, their sidecars and lock files are gone, and no temporary file is left.
+    assert sorted(os.listdir(tmp_path)) == ["out.tsv", "out.tsv.json"]
+
+
+def test_a_later_merge_keeps_the_rows_of_the_main_file(tmp_path):
+    path = tmp_path / "out.tsv"
+    write_parts(path, range(6), 2)
+    merge_shards(path, 2)
+    first = path.read_text().splitlines()
+    # A rerun (a smaller --max, then a larger one): the rows already merged stay as they are.
+    write_parts(path, range(3), 2)
+    merge_shards(path, 2, expected_indices=range(3))
+    assert path.read_text().splitlines() == first
+    write_parts(path, range(9), 2)
+    merge_shards(path, 2, expected_indices=range(9))
+    assert path.read_text().splitlines()[:7] == first
+    assert [row["idx"] for row in read_results(path)] == list(range(9))
+    assert len(read_sidecar(path)["parts"]) == 6
+
+
+def test_merge_is_refused_while_a_writer_holds_a_part_or_the_main_file(tmp_path):
+    path = tmp_path / "out.tsv"
+    write_parts(path, range(6), 2)
+    parts_and_sidecars = sorted(os.listdir(tmp_path))
+    with ResultWriter(shard_path(path, 1, 2), CONFIG):
+        with pytest.raises(ResultFileError, match="another process is writing .*out.tsv.part1of2"):
+            merge_shards(path, 2)
+    with ResultWriter(path, CONFIG) as writer:
+        writer.write(fake_row(100))
+        with pytest.raises(ResultFileError, match="another process is writing .*out.tsv$"):
+            merge_shards(path, 2)
+        writer.write(fake_row(101))
+    assert [row["idx"] for row in read_results(path)] == [100, 101]  # the merge did not replace it under us
+    assert sorted(os.listdir(tmp_path)) == sorted(parts_and_sidecars + ["out.tsv", "out.tsv.json"])
+    merge_shards(path, 2)
+    assert [row["idx"] for row in read_results(path)] == [0, 1, 2, 3, 4, 5, 100, 101]
 
 
 def test_merge_refuses_duplicates_missing_parts_and_other_configs(tmp_path):

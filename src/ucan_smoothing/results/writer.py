@@ -5,6 +5,8 @@ leaves at most one half-written last line. ``ResultWriter`` removes it when
 it reopens the file, refuses a config that differs from the sidecar's, and
 reports the finished indices (``done_indices``) so the caller skips them.
 Rerunning a killed command therefore loses, duplicates and corrupts nothing.
+One writer at a time: a second process on the same file (or a merge into
+it) is refused with ``another process is writing FILE`` (see :mod:`.lock`).
 
 This package imports nothing of the rest of ``ucan_smoothing`` but
 :mod:`ucan_smoothing.fileio` (and not torch): it duck-types certificates and
@@ -16,12 +18,8 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-try:  # advisory lock against two writers on one file; not available on Windows
-    import fcntl
-except ImportError:  # pragma: no cover
-    fcntl = None
-
 from ..fileio import atomic_write_text
+from .lock import WriterLock
 from .schema import RESULT_SCHEMA, ResultFileError, Schema, read_table
 from .sidecar import (
     FORMAT,
@@ -59,29 +57,36 @@ class ResultWriter:
         self.config = normalise_config(config)
         self.non_identity = tuple(non_identity)
         run = run_environment()
-        resuming = self.path.exists()
-        if resuming:
-            sidecar = self._check_matches_sidecar()
-        else:
-            sidecar = {
-                "format": FORMAT,
-                "columns": [[c.name, c.kind] for c in schema.columns],
-                "config": self.config,
-                "non_identity_keys": list(self.non_identity),
-                "runs": [],
-            }
-            # Sidecar before data: a result file never exists without its sidecar.
-            write_sidecar(self.path, sidecar)
-            atomic_write_text(self.path, schema.header())
-        self._fd = os.open(self.path, os.O_RDWR | os.O_APPEND)
+        self._fd = None
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        # The lock comes first: looking whether the file exists, creating it, checking the
+        # sidecar, repairing and appending all happen under it, so of two processes started
+        # together exactly one proceeds. Everything that replaces the data file (creation here,
+        # merge_shards) holds this lock too, so while we hold it our descriptor stays the file
+        # at self.path: no row can go to a file that was replaced (unlinked) under us.
+        self._lock = WriterLock(self.path)
         try:
-            self._lock()
+            sidecar = self._check_matches_sidecar() if self.path.exists() else self._create()
+            self._fd = os.open(self.path, os.O_RDWR | os.O_APPEND)
             self._done = self._repair_and_load()
             sidecar["runs"].append(run)
             write_sidecar(self.path, sidecar)
         except BaseException:
-            os.close(self._fd)
+            self.close()
             raise
+
+    def _create(self) -> dict:
+        sidecar = {
+            "format": FORMAT,
+            "columns": [[c.name, c.kind] for c in self.schema.columns],
+            "config": self.config,
+            "non_identity_keys": list(self.non_identity),
+            "runs": [],
+        }
+        # Sidecar before data: a result file never exists without its sidecar.
+        write_sidecar(self.path, sidecar)
+        atomic_write_text(self.path, self.schema.header())
+        return sidecar
 
     def _check_matches_sidecar(self) -> dict:
         sidecar = read_sidecar(self.path)
@@ -99,14 +104,6 @@ class ResultWriter:
                 f"{self.path} has columns {' '.join(stored)} but this run writes {' '.join(self.schema.names)}"
             )
         return sidecar
-
-    def _lock(self) -> None:
-        if fcntl is None:  # pragma: no cover
-            return
-        try:
-            fcntl.flock(self._fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            raise ResultFileError(f"another process is writing {self.path}") from None
 
     def _repair_and_load(self) -> set:
         # A kill during a write leaves one line without its newline: cut it off.
@@ -142,8 +139,9 @@ class ResultWriter:
 
     def close(self) -> None:
         if self._fd is not None:
-            os.close(self._fd)  # also releases the lock
+            os.close(self._fd)
             self._fd = None
+        self._lock.release()  # last: the file is complete before another writer may open it
 
     def __enter__(self):
         return self
