@@ -32,7 +32,7 @@ def ideal_pmf(scale, step, half_width):
     """P(round(N(0, scale^2) / step) = j) for j = -J .. J in 100-digit arithmetic, and the mass
     beyond |j| > J."""
     with mpmath.workdps(100):
-        r = mpmath.mpf(step) / mpmath.mpf(scale)
+        r = 1 / (mpmath.mpf(round(1 / step)) * mpmath.mpf(scale))  # the grids here are 1/N
         pmf = [mpmath.ncdf((j + mpmath.mpf(0.5)) * r) - mpmath.ncdf((j - mpmath.mpf(0.5)) * r)
                for j in range(-half_width, half_width + 1)]
         tail = 2 * mpmath.ncdf(-(half_width + mpmath.mpf(0.5)) * r)

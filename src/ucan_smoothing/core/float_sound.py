@@ -13,7 +13,8 @@ The sound mode (everything below is proven in the module, measured in docs/float
 1. Grid. Inputs lie on the grid of step ``s`` (default ``1/255``): ``x = m s`` with ``m`` an
    integer vector (8-bit images are). ``quantize`` maps any input there; the certified input is
    the quantized one. Perturbations are grid points ``x' = m' s``, at distance
-   ``||(m' - m) s||`` in input units (the step's float64 value is the unit).
+   ``||(m' - m) s||`` in input units (``s = 1/N`` exactly for a step ``1/N``, as
+   ``1/255``; for other steps, the step's float64 value).
 2. Noise. ``K`` has i.i.d. coordinates with ``P(K_i = j) = Phi((j + 1/2) s / sigma) -
    Phi((j - 1/2) s / sigma)``: the Gaussian ``N(0, sigma^2)`` rounded to the grid,
    ``K = round(N / s)``. The base classifier sees ``F(m + K)`` with ``F(n) = f(v(n))`` for one
@@ -44,8 +45,9 @@ The sound mode (everything below is proven in the module, measured in docs/float
    hands the network ``v(n)``; so the network's input is a fixed function of the integer vector
    ``m + K`` and rounding carries no information about ``x``. Proof, with ``u = 2^-p`` the unit
    roundoff of the dtype (float32: ``p = 24``): the noise is ``K s (1 + e1)``, ``|e1| <= 3u``
-   (the stored step and one product); ``z = (x + K s (1 + e1))(1 + e2)`` and ``w = fl(z / s) =
-   (z / s)(1 + e3)`` with ``|e2| <= u``, ``|e3| <= 3u``. Hence
+   (one rounding for ``s = 1/N``: ``K / N``; else the float64 product, then the cast);
+   ``z = (x + K s (1 + e1))(1 + e2)`` and ``w = fl(z / s) = (z / s)(1 + e3)`` (``z * N``: one
+   rounding; else the stored step and the division) with ``|e2| <= u``, ``|e3| <= 3u``. Hence
    ``|w - (x / s + K)| <= 8u (|x / s| + |K|)`` and, solving for ``x / s``,
    ``<= 8u (1.01 |w| + 2.01 J)``. ``SnapToGrid`` requires ``|round(w)| <= L`` and the noise
    requires ``J <= L`` with ``L = 2^(p - 8)``, so this error is at most ``1/8``; it also requires
@@ -53,8 +55,9 @@ The sound mode (everything below is proven in the module, measured in docs/float
    ``round(w) - K``, which is therefore ``m = round(x / s)``: ``round(w) = m + K`` for every draw.
    Anything else (an input off the grid, a float16 network fed rounded inputs) is refused.
 
-Cost: the radius loses only ``eta`` in ``p`` (relative changes near ``1e-10`` for CIFAR-10
-sizes); sampling is a table look-up instead of ``randn`` (speed in docs/float_sound.md).
+Cost: the radius loses only ``eta`` in ``p`` (below ``1e-10`` of the radius for CIFAR-10 and
+``2e-9`` for ImageNet sizes); sampling is a table look-up instead of ``randn``, about 3.6 times
+slower on a CPU, 5 times with the snapping (docs/float_sound.md).
 """
 
 from __future__ import annotations
@@ -101,10 +104,21 @@ def exact_grid_limit(dtype: torch.dtype) -> int:
     return 2 ** (significand_bits - 8)
 
 
+def _levels(step: float) -> int | None:
+    """``N`` when ``step == 1 / N`` for an integer ``N`` (the grid of N-level images), else None."""
+    levels = round(1 / step)
+    return levels if levels >= 1 and 1 / levels == step else None
+
+
 def grid_value(n: torch.Tensor, step: float, dtype: torch.dtype) -> torch.Tensor:
-    """The fixed map ``v``: grid indices ``n`` (integer-valued) to input values, ``n * step``
-    rounded once from float64 to ``dtype``. For ``step = 1/255`` and ``n`` in 0..255 this is
-    bit for bit ``n / 255`` in float32, i.e. what ``torchvision.transforms.ToTensor`` gives."""
+    """The fixed map ``v``: grid indices ``n`` (integer-valued) to input values in ``dtype``.
+
+    For ``step = 1 / N`` this is ``n / N`` computed in ``dtype`` (on the CPU bit for bit what
+    ``torchvision.transforms.ToTensor`` gives for 8-bit images when ``N = 255``); for other steps
+    ``n * step`` rounded once from float64. Either way a fixed function of ``n``."""
+    levels = _levels(step)
+    if levels is not None:
+        return n.to(dtype) / levels
     return (n.to(torch.float64) * step).to(dtype)
 
 
@@ -148,9 +162,12 @@ def snap_to_indices(z: torch.Tensor, step: float) -> torch.Tensor:
     what the exactness proof needs: ``z`` in float32/float64, every ``z / step`` within
     ``SNAP_TOLERANCE`` of an integer and at most ``exact_grid_limit`` in size."""
     limit = exact_grid_limit(z.dtype)
-    w = z / step
-    index = torch.round(w)
-    off_grid, largest = torch.stack(((w - index).abs().max(), index.abs().max())).tolist()
+    levels = _levels(step)
+    w = z * levels if levels is not None else z / step
+    index = w.round()
+    lowest, highest = index.aminmax()
+    off_grid, lowest, highest = torch.stack((w.sub_(index).abs_().max(), lowest, highest)).tolist()
+    largest = max(-lowest, highest)
     if not off_grid <= SNAP_TOLERANCE:
         raise ValueError(
             f"noisy input is {off_grid:.3g} steps off the grid of step {step:.6g}: the input was "
@@ -222,7 +239,8 @@ def _mpmath():
 @functools.lru_cache(maxsize=16)
 def rounding_table(scale: float, step: float) -> RoundingTable:
     """The table for noise ``scale`` (sigma) on the grid ``step``, computed in 160-bit arithmetic
-    from the exact binary values of the two floats (module docstring, step 4)."""
+    from the exact value of sigma (a float) and of the step: ``1 / N`` exactly when ``step`` is
+    the float of ``1 / N``, else its float value (module docstring, step 4)."""
     mp = _mpmath()
     ratio_float = step / scale
     half_width = max(1, math.ceil(TAIL_Z / ratio_float - 0.5))
@@ -234,7 +252,9 @@ def rounding_table(scale: float, step: float) -> RoundingTable:
         )
     one = 2**TABLE_BITS
     with mp.workprec(WORKING_BITS):
-        ratio = mp.mpf(step) / mp.mpf(scale)
+        levels = _levels(step)
+        exact_step = mp.mpf(1) / levels if levels is not None else mp.mpf(step)
+        ratio = exact_step / mp.mpf(scale)
         upper, error = [], mp.mpf(0)
         for j in range(half_width):  # F_j = Phi((j + 1/2) s / sigma) for j >= 0; mirrored below
             exact = mp.ncdf((j + mp.mpf(0.5)) * ratio) * one
