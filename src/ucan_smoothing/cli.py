@@ -23,7 +23,8 @@ import sys
 COMMANDS = {
     "demo": ("ucan_smoothing.commands.demo", "isotropic vs UCAN noise on MNIST in minutes: train, certify, compare"),
     "train": ("ucan_smoothing.commands.train", "train a base classifier or a noise parameter generator"),
-    "certify": ("ucan_smoothing.commands.certify", "certify a trained run on a data split (resumable)"),
+    "certify": ("ucan_smoothing.commands.certify", "certify a model on a data split (resumable)"),
+    "predict": ("ucan_smoothing.commands.predict", "Cohen's PREDICT on a data split (resumable)"),
     "analyze": ("ucan_smoothing.commands.analyze", "tables and plots from result files"),
     "bench": ("ucan_smoothing.commands.bench", "throughput benchmark of certification"),
     "attack": ("ucan_smoothing.commands.attack", "search certified regions for counterexamples"),
@@ -35,6 +36,17 @@ _WRITE_ERRNOS = {errno.ENOSPC, getattr(errno, "EDQUOT", errno.ENOSPC), errno.ERO
                  errno.ENOTDIR}
 #: errors of opening a path the user named: "cannot open PATH: ..."
 _OPEN_ERRNOS = {errno.EACCES, errno.EPERM, errno.EISDIR, errno.ENAMETOOLONG, errno.ELOOP}
+
+
+class HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
+    """Every option's help ends with its default (unless the text already says it, or there is none);
+    descriptions and epilogs keep their line breaks."""
+
+    def _get_help_string(self, action):
+        text = action.help or ""
+        if action.default is None or action.default is argparse.SUPPRESS or "default" in text:
+            return text
+        return super()._get_help_string(action)
 
 
 def _available_commands():
@@ -52,7 +64,8 @@ def build_parser() -> argparse.ArgumentParser:
     subparsers.required = True
     for name, module_name, help_text in _available_commands():
         module = importlib.import_module(module_name)
-        sub = subparsers.add_parser(name, help=help_text, description=module.__doc__.strip().splitlines()[0])
+        sub = subparsers.add_parser(name, help=help_text, description=module.__doc__.strip().splitlines()[0],
+                                    formatter_class=HelpFormatter)
         module.configure(sub)
         if name in COMPUTE_COMMANDS and not any("--threads" in a.option_strings for a in sub._actions):
             sub.add_argument("--threads", type=int, default=None,

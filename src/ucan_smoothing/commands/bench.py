@@ -61,10 +61,10 @@ def configure(parser: argparse.ArgumentParser) -> None:
                         help="batch sizes of the sweep (default: the probe's candidates for the device, "
                              "8..1024 on a CPU, 16..4096 on a GPU)")
     parser.add_argument("--n", type=int, default=20_000, help="estimation samples per certify call")
-    parser.add_argument("--n0", type=int, default=100)
+    parser.add_argument("--n0", type=int, default=100, help="selection samples of each certification")
     parser.add_argument("--rounds", type=int, default=3, help="alternating rounds; the median is reported")
     parser.add_argument("--scale", type=float, default=0.25, help="Gaussian noise level")
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="where to run")
     parser.add_argument("--probe-budget", type=float, default=2.0,
                         help="seconds of the batch-size probe (default: 2)")
     parser.add_argument("--memory-probe", action="store_true",
@@ -73,7 +73,7 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--amp", choices=("bf16", "fp16"), default=None,
                         help="also measure the model under autocast (as `ucan certify --amp`)")
     parser.add_argument("--no-art", action="store_true", help="leave IBM ART out even when it is installed")
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seed", type=int, default=0, help="noise seed")
     parser.add_argument("--json", default=None, help="also write the results to this JSON file")
     parser.add_argument("--memory-child", type=int, default=None, help=argparse.SUPPRESS)
     parser.add_argument("--memory-batch", type=int, default=1000, help=argparse.SUPPRESS)

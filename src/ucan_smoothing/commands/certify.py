@@ -38,11 +38,8 @@ import argparse
 import time
 from pathlib import Path
 
-import torch
 from tqdm.auto import tqdm
 
-from ..contract import DEFAULT_IMAGES, check_input_contract
-from ..core.batch_size import fastest_batch_size
 from ..core.certificate import ABSTAIN, Certificate
 from ..core.grid import check_radii, plan_grid
 from ..core.norms import norm_name, parse_norm
@@ -64,46 +61,29 @@ from ..results import (
     shard_path,
     split_indices,
 )
-from .model_options import add_model_options, model_identity, open_model
+from .model_options import (
+    SPEED_KEYS,
+    add_model_options,
+    add_run_options,
+    check_contract,
+    check_run_options,
+    choose_batch_size,
+    model_identity,
+    open_model,
+)
 
 #: the noise streams of the pool: part of a file's identity (rows of another stream definition differ)
 NOISE_STREAMS = f"pool-quanta-{QUANTUM}"
-#: config keys that change how fast rows come, not what they are (with the pool's streams)
-SPEED_KEYS = ("batch_size", "batch_probe", "pool_size", "contract")
-
-
-def batch_size_option(text: str):
-    if text == "auto":
-        return text
-    try:
-        return int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"--batch-size takes a number or auto, got {text!r}") from None
 
 
 def configure(parser: argparse.ArgumentParser) -> None:
     add_model_options(parser)
     parser.add_argument("--out", required=True, help="result file (TSV); a JSON sidecar is written beside it")
-    parser.add_argument("--dataset", default=None, help="data set (default: the one the model is for)")
-    parser.add_argument("--split", default="test", help="train, test or foolbox (the real sample images)")
-    parser.add_argument("--data-root", default=None, help="folder of the data set in its standard format")
     parser.add_argument("--n0", type=int, default=100, help="selection samples")
     parser.add_argument("--n", type=int, default=100_000,
                         help="estimation samples (with --radius/--radii: at most this many)")
     parser.add_argument("--alpha", type=float, default=0.001, help="failure probability")
-    parser.add_argument("--batch-size", type=batch_size_option, default="auto",
-                        help="noisy samples per forward pass; auto: a short probe picks the fastest")
-    parser.add_argument("--pool-size", type=int, default=None,
-                        help="images in flight at once (default: as many as fill the batches)")
-    parser.add_argument("--skip", type=int, default=1, help="certify every k-th image")
-    parser.add_argument("--max", type=int, default=None, help="certify at most this many images")
-    parser.add_argument("--seed", type=int, default=0, help="noise seed; image i uses (seed, i)")
-    parser.add_argument("--device", default=None, help="cpu, cuda, cuda:1 (default: cuda when available)")
-    parser.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=True,
-                        help="store the classifier's conv weights channels-last: same outputs up to rounding, "
-                             "faster convolutions")
-    parser.add_argument("--amp", choices=("bf16", "fp16"), default=None,
-                        help="run the classifier in mixed precision (for GPUs); certifies that classifier")
+    add_run_options(parser, what="certify")
     mode = parser.add_mutually_exclusive_group()
     mode.add_argument("--radius", type=float, default=None,
                       help="sequential mode: only decide whether each image is certified at this radius")
@@ -113,11 +93,6 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--norm", default=None,
                         help="norm of --radius / --radii: l1, l2, linf (default: the noise's native norm)")
     parser.add_argument("--method", choices=("cp", "betting"), default="cp", help="sequential test of --radius")
-    parser.add_argument("--contract-images", type=int, default=DEFAULT_IMAGES,
-                        help="images for the input-contract check (clean vs noisy accuracy)")
-    parser.add_argument("--no-contract-check", dest="contract_check", action="store_false",
-                        help="certify even when the input-contract check finds accuracy at chance")
-    parser.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
     parser.add_argument("--paper-mode", action="store_true",
                         help="certify an input-dependent NPG as the paper does (sigma(x), mu(x) frozen at the clean "
                              "input): reproduces its numbers, NOT a certificate (rows get is_certificate=false)")
@@ -129,13 +104,9 @@ def configure(parser: argparse.ArgumentParser) -> None:
 def _check_options(args) -> None:
     """The options that need no file, checked before anything is loaded or written."""
     check_alpha(args.alpha)
-    for name, value in (("--n0", args.n0), ("--n", args.n), ("--skip", args.skip),
-                        ("--contract-images", args.contract_images)):
-        check_count(name, value)
-    for name, value in (("--batch-size", None if args.batch_size == "auto" else args.batch_size),
-                        ("--max", args.max), ("--pool-size", args.pool_size)):
-        if value is not None:
-            check_count(name, value)
+    check_count("--n0", args.n0)
+    check_count("--n", args.n)
+    check_run_options(args)
     if args.radius is None and args.radii is None:
         if args.norm is not None:
             raise ValueError("--norm only applies with --radius or --radii; without them every row has "
@@ -175,32 +146,6 @@ def _check_first_image(model, smooth, data, indices, args) -> tuple:
     if args.radii is not None:
         plan_grid(smooth.noise, args.radii, args.norm, shape, args.alpha, max_n=args.n, n_name="--n")
     return shape
-
-
-def _contract(model, smooth, data, indices, args):
-    """The input-contract check on the first images; stops (before any file) when it looks broken."""
-    chosen = indices[: args.contract_images]
-    images, labels = zip(*(data[i] for i in chosen))
-    report = check_input_contract(smooth, getattr(smooth, "model", model.model), torch.stack(images),
-                                  [int(label) for label in labels], model.num_classes, seed=args.seed)
-    print(report.line())
-    problem = report.problem()
-    if problem and args.contract_check:
-        raise ValueError(f"{problem}. Check the input range ([0, 1]), the normalisation (inside the model) and "
-                         "the noise units, or pass --no-contract-check to certify anyway")
-    if problem:
-        print(f"warning: {problem} (certifying anyway: --no-contract-check)")
-    return report
-
-
-def _batch_size(smooth, x, args, device) -> tuple:
-    """``(batch size, probe measurements or None)``: the fixed --batch-size, or the probe's fastest."""
-    if args.batch_size != "auto":
-        return args.batch_size, None
-    if not isinstance(smooth, Smooth):
-        return 1000, None  # input-adaptive modes draw their own noise per image
-    best, measurements = fastest_batch_size(smooth.model, smooth.noise, x, device=device)
-    return best, [{k: round(v, 6) if isinstance(v, float) else v for k, v in m.items()} for m in measurements]
 
 
 # -- rows ------------------------------------------------------------------------------------------
@@ -284,10 +229,8 @@ def _certify(args, context) -> int:
     data = load_dataset(dataset_name, args.split, args.data_root)
     indices = list(range(0, len(data), args.skip))[: args.max]
     shape = _check_first_image(model, smooth, data, indices, args)
-    # the contract's images: the first of the split's every --skip-th, however few --max asks for
-    contract_indices = range(0, len(data), args.skip)[: args.contract_images]
-    report = _contract(model, smooth, data, contract_indices, args) if context.is_main else None
-    batch_size, probe = _batch_size(smooth, data[indices[0]][0], args, context.device)
+    report = check_contract(model, smooth, data, args) if context.is_main else None
+    batch_size, probe = choose_batch_size(smooth, data[indices[0]][0], args, context.device)
 
     if args.radius is not None:
         mode, schema = f"sequential-{args.method}", RESULT_SCHEMA.with_columns(*SEQUENTIAL_COLUMNS)

@@ -12,7 +12,13 @@ from __future__ import annotations
 import argparse
 import math
 
+import torch
+
+from ..contract import DEFAULT_IMAGES, check_input_contract
+from ..core.batch_size import fastest_batch_size
 from ..core.noises import FAMILIES, make_noise
+from ..core.smooth import Smooth
+from ..core.statistics import check_count
 from ..runs import load_model
 
 
@@ -97,3 +103,76 @@ def reopen_model(config: dict, dataset: str | None = None):
                       else None, factory=config.get("factory"), weights=config.get("weights"), noise=noise,
                       sigma=config.get("sigma"), mu=config.get("mu"), dataset=dataset or config.get("dataset"),
                       num_classes=config.get("num_classes"))
+
+#: config keys that change how fast rows come, not what they are (with the pool's noise streams)
+SPEED_KEYS = ("batch_size", "batch_probe", "pool_size", "contract")
+
+
+def batch_size_option(text: str):
+    if text == "auto":
+        return text
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"--batch-size takes a number or auto, got {text!r}") from None
+
+
+def add_run_options(parser: argparse.ArgumentParser, what: str) -> None:
+    """The data, device and speed options of a per-image command (certify, predict)."""
+    parser.add_argument("--dataset", default=None, help="data set (default: the one the model is for)")
+    parser.add_argument("--split", default="test", help="train, test or foolbox (the real sample images)")
+    parser.add_argument("--data-root", default=None, help="folder of the data set in its standard format")
+    parser.add_argument("--batch-size", type=batch_size_option, default="auto",
+                        help="noisy samples per forward pass; auto: a short probe picks the fastest")
+    parser.add_argument("--pool-size", type=int, default=None,
+                        help="images in flight at once (default: as many as fill the batches)")
+    parser.add_argument("--skip", type=int, default=1, help=f"{what} every k-th image")
+    parser.add_argument("--max", type=int, default=None, help=f"{what} at most this many images")
+    parser.add_argument("--seed", type=int, default=0, help="noise seed; image i uses (seed, i)")
+    parser.add_argument("--device", default=None, help="cpu, cuda, cuda:1 (default: cuda when available)")
+    parser.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=True,
+                        help="store the classifier's conv weights channels-last: same outputs up to rounding, "
+                             "faster convolutions")
+    parser.add_argument("--amp", choices=("bf16", "fp16"), default=None,
+                        help="run the classifier in mixed precision (for GPUs); certifies that classifier")
+    parser.add_argument("--contract-images", type=int, default=DEFAULT_IMAGES,
+                        help="images for the input-contract check (clean vs noisy accuracy)")
+    parser.add_argument("--no-contract-check", dest="contract_check", action="store_false",
+                        help="go on even when the input-contract check finds accuracy at chance")
+    parser.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
+
+
+def check_run_options(args) -> None:
+    check_count("--skip", args.skip)
+    check_count("--contract-images", args.contract_images)
+    for name, value in (("--batch-size", None if args.batch_size == "auto" else args.batch_size),
+                        ("--max", args.max), ("--pool-size", args.pool_size)):
+        if value is not None:
+            check_count(name, value)
+
+
+def check_contract(model, smooth, data, args):
+    """The input-contract check on the first of the split's every ``--skip``-th images (however few
+    ``--max`` asks for); stops, before any file is written, when it looks broken."""
+    chosen = range(0, len(data), args.skip)[: args.contract_images]
+    images, labels = zip(*(data[i] for i in chosen))
+    report = check_input_contract(smooth, getattr(smooth, "model", model.model), torch.stack(images),
+                                  [int(label) for label in labels], model.num_classes, seed=args.seed)
+    print(report.line())
+    problem = report.problem()
+    if problem and args.contract_check:
+        raise ValueError(f"{problem}. Check the input range ([0, 1]), the normalisation (inside the model) and "
+                         "the noise units, or pass --no-contract-check to certify anyway")
+    if problem:
+        print(f"warning: {problem} (certifying anyway: --no-contract-check)")
+    return report
+
+
+def choose_batch_size(smooth, x, args, device) -> tuple:
+    """``(batch size, probe measurements or None)``: the fixed --batch-size, or the probe's fastest."""
+    if args.batch_size != "auto":
+        return args.batch_size, None
+    if not isinstance(smooth, Smooth):
+        return 1000, None  # input-adaptive modes draw their own noise per image
+    best, measurements = fastest_batch_size(smooth.model, smooth.noise, x, device=device)
+    return best, [{k: round(v, 6) if isinstance(v, float) else v for k, v in m.items()} for m in measurements]

@@ -30,7 +30,6 @@ def _centre(text: str):
 
 def configure(parser: argparse.ArgumentParser) -> None:
     """Options of ``ucan train``. Unset options take the model's / target's defaults (listed in the help)."""
-    parser.formatter_class = argparse.RawDescriptionHelpFormatter
     parser.epilog = (
         "examples:\n"
         "  ucan train classifier --model mnist_cnn --noise gaussian --scale 0.25 --out runs/mnist-g025\n"
@@ -39,7 +38,8 @@ def configure(parser: argparse.ArgumentParser) -> None:
         "  ucan train npg --kind noisy_shift --base runs/mnist-g025 --out runs/mnist-g025-noisy-shift\n"
         "  ucan train npg --kind lipschitz_shift --lipschitz 0.5 --base runs/mnist-g025 --out runs/mnist-g025-lip\n"
         "  ucan train --resume --out runs/mnist-g025          (continue an interrupted run; exit 0 if finished)\n"
-        "  torchrun --nproc_per_node=2 -m ucan_smoothing.cli train classifier ...   (DDP)\n")
+        "  torchrun --nproc_per_node=2 -m -- ucan_smoothing.cli train classifier ...   (DDP; the -- keeps\n"
+        "      torchrun from reading our options as its own)\n")
     parser.add_argument("target", nargs="?", choices=TARGETS,
                         help="classifier: noise-augmented training; npg: train a noise parameter generator")
     g = parser.add_argument_group("model and data")
@@ -85,10 +85,10 @@ def configure(parser: argparse.ArgumentParser) -> None:
                                   "momentum 0.9, weight decay 1e-4, lr x0.1 every 30 of 90 epochs for ResNets)")
     g.add_argument("--epochs", type=int, help="number of epochs (default 10 mnist_cnn, 90 ResNets, 5 NPGs)")
     g.add_argument("--batch-size", type=int, help="global batch size (default 128; 256 for ResNets)")
-    g.add_argument("--optimizer", choices=OPTIMIZERS)
+    g.add_argument("--optimizer", choices=OPTIMIZERS, help="optimizer (default: adam for mnist_cnn and NPGs, sgd for ResNets)")
     g.add_argument("--lr", type=float, help="learning rate")
     g.add_argument("--momentum", type=float, help="SGD momentum (default 0.9)")
-    g.add_argument("--weight-decay", type=float)
+    g.add_argument("--weight-decay", type=float, help="weight decay (default 0; 1e-4 for ResNets)")
     g.add_argument("--lr-step", type=int, help="epochs between learning-rate decays (0: constant)")
     g.add_argument("--lr-decay", type=float, help="learning-rate factor at each step (default 0.1)")
     g.add_argument("--classifier-lr", type=float, help="npg target with --joint: the classifier's learning rate")

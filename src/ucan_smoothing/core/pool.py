@@ -65,7 +65,7 @@ from .sequential import (
     p_needed,
 )
 from .smooth import Smooth
-from .statistics import check_alpha, check_can_certify, check_count, clopper_pearson_lower
+from .statistics import check_alpha, check_can_certify, check_count, clopper_pearson_lower, predict_is_significant
 
 #: samples per quantum of an image's noise stream; part of the stream's definition (changing it
 #: changes the samples). Each quantum costs one ``noise.sample`` call (a few kernel launches and
@@ -269,6 +269,44 @@ class GridJob(StagedJob):
         return self.plan.decision(self.test, self.n0, self.is_certificate)
 
 
+@dataclass(frozen=True)
+class Prediction:
+    """Cohen's PREDICT for one input: the top class of ``n`` samples, or ``ABSTAIN`` when the
+    two-sided binomial test of its votes against the runner-up's is not significant at ``alpha``
+    (then a returned class is wrong with probability at most ``alpha``)."""
+
+    prediction: int
+    top_class: int
+    top_count: int
+    runner_up_count: int
+    n: int
+    alpha: float
+
+    @property
+    def abstained(self) -> bool:
+        return self.prediction == ABSTAIN
+
+
+class PredictJob:
+    """Cohen's PREDICT: one request of ``n`` samples (no separate selection: the test is on the counts)."""
+
+    def __init__(self, n: int, alpha: float):
+        self.n, self.alpha, self.votes = n, alpha, None
+
+    def next_request(self) -> int:
+        return self.n if self.votes is None else 0
+
+    def update(self, votes) -> None:
+        self.votes = votes
+
+    def result(self) -> Prediction:
+        top2 = self.votes.topk(2)
+        n_a, n_b = int(top2.values[0]), int(top2.values[1])
+        top = int(top2.indices[0])
+        significant = predict_is_significant(n_a, n_b, self.alpha)
+        return Prediction(top if significant else ABSTAIN, top, n_a, n_b, self.n, self.alpha)
+
+
 # -- the pool ------------------------------------------------------------------------------------
 
 
@@ -469,6 +507,16 @@ def certify_pool(smooth, items, n0: int, n: int, alpha: float, *, seed: int, bat
 
     return run_pool(smooth, items, make_job, seed=seed, batch_size=batch_size, pool_size=pool_size,
                     on_batch=on_batch)
+
+
+def predict_pool(smooth, items, n: int, alpha: float, *, seed: int, batch_size: int = 1000,
+                 pool_size: int | None = None, on_batch=None):
+    """Cohen's PREDICT (``n`` samples, binomial test at ``alpha``) for every ``(idx, x)`` of ``items``:
+    :class:`PoolResult` rows holding a :class:`Prediction`, in input order."""
+    alpha = check_alpha(alpha)
+    n = check_count("n", n)
+    return run_pool(smooth, items, lambda idx, xs: PredictJob(n, alpha), seed=seed, batch_size=batch_size,
+                    pool_size=pool_size, on_batch=on_batch)
 
 
 def _plans_per_shape(make_plan, input_shape):

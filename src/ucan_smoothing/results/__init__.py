@@ -13,6 +13,7 @@ from .schema import (
     COHEN_COLUMNS,
     COHEN_SCHEMA,
     GRID_COLUMNS,
+    PREDICT_SCHEMA,
     KINDS,
     KNOWN_COLUMNS,
     RESULT_SCHEMA,

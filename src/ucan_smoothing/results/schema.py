@@ -119,19 +119,48 @@ GRID_COLUMNS = (
     Column("grid_radius", "float"),
     Column("samples_used", "int"),
 )
+#: Cohen et al.'s PREDICT output (``predict.py``): ``idx label predict correct time``
+COHEN_PREDICT_COLUMNS = (
+    Column("idx", "int"),
+    Column("label", "int"),
+    Column("predict", "int"),
+    Column("correct", "int"),
+    Column("time", "seconds"),
+)
+#: ours after them: the votes of the top class and of the runner-up among the n samples
+PREDICT_COLUMNS = (
+    Column("top_count", "int"),
+    Column("runner_up_count", "int"),
+    Column("n", "int"),
+    Column("alpha", "float"),
+    Column("noise", "str"),
+    Column("npg", "str"),
+    Column("is_certificate", "bool"),
+)
+#: the leading columns a result file may start with: Cohen's CERTIFY or PREDICT layout
+LEADS = (COHEN_COLUMNS, COHEN_PREDICT_COLUMNS)
 #: kinds the reader uses for columns it meets; other columns get the narrowest kind that fits
-KNOWN_COLUMNS = {column.name: column for column in COHEN_COLUMNS + UCAN_COLUMNS + SEQUENTIAL_COLUMNS + GRID_COLUMNS}
+KNOWN_COLUMNS = {column.name: column for column in
+                 COHEN_COLUMNS + UCAN_COLUMNS + SEQUENTIAL_COLUMNS + GRID_COLUMNS + PREDICT_COLUMNS}
+
+
+def _lead_of(names) -> tuple | None:
+    """The Cohen layout ``names`` starts with (CERTIFY's six, or PREDICT's five), or None."""
+    for lead in LEADS:
+        if tuple(names[:len(lead)]) == tuple(c.name for c in lead):
+            return lead
+    return None
 
 
 @dataclass(frozen=True)
 class Schema:
-    """The ordered columns of a result file; always starts with Cohen's six."""
+    """The ordered columns of a result file; always starts with Cohen's six (CERTIFY) or five (PREDICT)."""
 
     columns: tuple
 
     def __post_init__(self):
         names = [column.name for column in self.columns]
-        if tuple(names[:6]) != tuple(c.name for c in COHEN_COLUMNS):
+        if _lead_of(names) is None:
             raise ValueError(f"a result schema must start with Cohen's columns, got {names[:6]}")
         if len(set(names)) != len(names):
             raise ValueError(f"duplicate column names in {names}")
@@ -164,6 +193,7 @@ class Schema:
 
 COHEN_SCHEMA = Schema(COHEN_COLUMNS)
 RESULT_SCHEMA = Schema(COHEN_COLUMNS + UCAN_COLUMNS)
+PREDICT_SCHEMA = Schema(COHEN_PREDICT_COLUMNS + PREDICT_COLUMNS)
 
 
 def row_from_certificate(idx, label, certificate, seconds, noise_desc, npg_desc) -> dict:
@@ -231,11 +261,10 @@ def read_table(path, schema=None):
         )
     lines = [line.removesuffix("\r") for line in lines[:-1]]
     header = lines[0].split("\t")
-    cohen = [c.name for c in COHEN_COLUMNS]
-    if header[:6] != cohen or len(set(header)) != len(header):
+    if _lead_of(header) is None or len(set(header)) != len(header):
+        layouts = " or ".join(" ".join(c.name for c in lead) for lead in LEADS)
         raise ResultFileError(
-            f"{path}, line 1: expected a header of distinct names starting with "
-            f"{' '.join(cohen)}, got {lines[0][:200]!r}"
+            f"{path}, line 1: expected a header of distinct names starting with {layouts}, got {lines[0][:200]!r}"
         )
     split = []
     for number, line in enumerate(lines[1:], start=2):
