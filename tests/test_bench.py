@@ -38,7 +38,7 @@ def test_bench_reports_each_figure_against_the_best_raw_forward(tmp_path, capsys
     for name, figure in result["figures"].items():
         assert name in printed
         assert len(figure["rounds"]) == 2 and all(rate > 0 for rate in figure["rounds"])
-        assert figure["spread_pct"] >= 0
+        assert figure["spread_pct"] >= 0 and figure["best_samples_per_s"] >= figure["samples_per_s"]
     # the limit is the best raw forward pass over the batch sizes, and is compared with itself
     raws = [result["figures"][f"raw forward, batch {b}"]["samples_per_s"] for b in (50, 100)]
     assert result["summary"]["raw limit"]["samples_per_s"] == max(raws)
