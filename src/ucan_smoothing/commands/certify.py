@@ -44,12 +44,16 @@ from ..core.certificate import ABSTAIN, Certificate
 from ..core.grid import check_radii, plan_grid
 from ..core.norms import norm_name, parse_norm
 from ..core.pool import QUANTUM, certify_grid_pool, certify_pool, certify_radius_pool, plan_radius
+from ..core.float_sound import float_sound_smooth, quantize
+from ..core.noises import Gaussian
 from ..core.smooth import Smooth
 from ..core.statistics import check_alpha, check_can_certify, check_count
 from ..core.streams import image_generator
 from ..data import load_dataset
 from ..distributed import cleanup, init_distributed
+from ..runs import prepare_model
 from ..results import (
+    FLOAT_SOUND_COLUMN,
     GRID_COLUMNS,
     PER_IMAGE_NON_IDENTITY_KEYS,
     RESULT_SCHEMA,
@@ -93,6 +97,10 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--norm", default=None,
                         help="norm of --radius / --radii: l1, l2, linf (default: the noise's native norm)")
     parser.add_argument("--method", choices=("cp", "betting"), default="cp", help="sequential test of --radius")
+    parser.add_argument("--float-sound", action="store_true",
+                        help="certificates that hold for the floating-point arithmetic actually run (Voracek and "
+                             "Hein 2023): images on the 1/255 grid, Gaussian noise rounded to it, the model sees "
+                             "grid values only; isotropic Gaussian noise only (docs/float_sound.md)")
     parser.add_argument("--paper-mode", action="store_true",
                         help="certify an input-dependent NPG as the paper does (sigma(x), mu(x) frozen at the clean "
                              "input): reproduces its numbers, NOT a certificate (rows get is_certificate=false)")
@@ -129,6 +137,19 @@ def _check_mode(model, args) -> bool:
         raise ValueError("the sequential mode (--radius, --radii) is not available for a lipschitz_shift run: "
                          "certify it without them (its radius is R / (1 + L))")
     return paper_mode
+
+
+def _float_sound(model, args, device) -> Smooth:
+    """The float-sound smoothed classifier of an isotropic Gaussian model (refused for anything else)."""
+    noise = model.noise()
+    if model.generator is not None or model.shift is not None or not isinstance(noise, Gaussian):
+        raise ValueError(f"--float-sound certifies isotropic Gaussian noise only, not {describe_noise(noise)}"
+                         f"{' with ' + model.description() if model.description() != 'none' else ''}")
+    if args.amp:
+        raise ValueError("--float-sound needs the model's own precision: drop --amp (rounding inside the model "
+                         "happens before the grid could be recovered)")
+    prepared = prepare_model(model.model, device, args.channels_last)
+    return float_sound_smooth(prepared, model.num_classes, noise.scale, input_shape=model.input_shape)
 
 
 def _check_first_image(model, smooth, data, indices, args) -> tuple:
@@ -174,7 +195,7 @@ def _results(smooth, data, todo, labels, shape, args, batch_size, device):
     def images():
         for idx in todo:
             x, labels[idx] = data[idx]
-            yield idx, x
+            yield idx, quantize(x) if args.float_sound else x  # uint8 images are on the grid already
 
     if not isinstance(smooth, Smooth):  # paper mode, lipschitz_shift, ...: their own noise per image
         for idx, x in images():
@@ -220,8 +241,12 @@ def _certify(args, context) -> int:
     model = open_model(args)
     dataset_name = args.dataset or model.meta["dataset"]
     paper_mode = _check_mode(model, args)
-    smooth = model.smoothed(context.device, paper_mode=paper_mode, channels_last=args.channels_last, amp=args.amp)
-    noise = model.base_noise if paper_mode else model.noise()
+    if args.float_sound:
+        smooth = _float_sound(model, args, context.device)
+    else:
+        smooth = model.smoothed(context.device, paper_mode=paper_mode, channels_last=args.channels_last,
+                                amp=args.amp)
+    noise = model.base_noise if paper_mode else smooth.noise if args.float_sound else model.noise()
     is_certificate = noise.is_certificate and not paper_mode
     sequential = args.radius is not None or args.radii is not None
     if sequential:
@@ -238,6 +263,7 @@ def _certify(args, context) -> int:
         mode, schema = "grid-cp", RESULT_SCHEMA.with_columns(*GRID_COLUMNS)
     else:
         mode, schema = ("paper" if paper_mode else "certify"), RESULT_SCHEMA
+    schema = schema.with_columns(FLOAT_SOUND_COLUMN)  # every row says whether it holds in floating point
     pooled = isinstance(smooth, Smooth)
     config = {
         **model_identity(args, model),
@@ -248,7 +274,7 @@ def _certify(args, context) -> int:
         "is_certificate": is_certificate, "mode": mode,
         "radius": args.radius, "norm": norm_name(args.norm) if sequential else None,
         "out": str(args.out), "progress": args.progress, "device": str(context.device),
-        "channels_last": args.channels_last,
+        "channels_last": args.channels_last, "float_sound": args.float_sound,
         "noise_streams": NOISE_STREAMS if pooled else "per-image-generator",
         "batch_probe": probe, "pool_size": args.pool_size,
         "contract": None if report is None else report.to_dict(),
@@ -276,7 +302,7 @@ def _certify(args, context) -> int:
         for idx, certificate, extra, seconds in _results(smooth, data, todo, labels, shape, args, batch_size,
                                                          context.device):
             row = row_from_certificate(idx, int(labels.pop(idx)), certificate, seconds, noise_text, npg_text)
-            row.update(extra)
+            row.update(extra, float_sound=args.float_sound)
             writer.write(row)
             finished += 1
             abstained += certificate.abstained

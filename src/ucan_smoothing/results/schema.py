@@ -119,6 +119,9 @@ GRID_COLUMNS = (
     Column("grid_radius", "float"),
     Column("samples_used", "int"),
 )
+#: every row of ``ucan certify``: whether the float-sound mode (core/float_sound.py) was on, i.e. whether the
+#: certificate holds for the floating-point arithmetic actually executed, not only in exact arithmetic
+FLOAT_SOUND_COLUMN = Column("float_sound", "bool")
 #: Cohen et al.'s PREDICT output (``predict.py``): ``idx label predict correct time``
 COHEN_PREDICT_COLUMNS = (
     Column("idx", "int"),
@@ -141,7 +144,8 @@ PREDICT_COLUMNS = (
 LEADS = (COHEN_COLUMNS, COHEN_PREDICT_COLUMNS)
 #: kinds the reader uses for columns it meets; other columns get the narrowest kind that fits
 KNOWN_COLUMNS = {column.name: column for column in
-                 COHEN_COLUMNS + UCAN_COLUMNS + SEQUENTIAL_COLUMNS + GRID_COLUMNS + PREDICT_COLUMNS}
+                 COHEN_COLUMNS + UCAN_COLUMNS + SEQUENTIAL_COLUMNS + GRID_COLUMNS + PREDICT_COLUMNS
+                 + (FLOAT_SOUND_COLUMN,)}
 
 
 def _lead_of(names) -> tuple | None:
