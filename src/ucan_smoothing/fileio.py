@@ -32,7 +32,7 @@ def atomic_open(path, mode: str = "wb"):
     except BaseException as error:
         if os.path.exists(tmp):
             os.remove(tmp)
-        if isinstance(error, OSError) and error.filename is None:
+        if isinstance(error, OSError) and error.errno is not None and error.filename is None:
             error.filename = path  # a failed write() or fsync() (a full disk) names no file
         raise
     fsync_directory(folder)
