@@ -77,6 +77,17 @@ def strip_prefix(state: dict, prefixes) -> tuple[dict, str]:
     return state, ""
 
 
+def read_state_dict(path: str | os.PathLike) -> dict:
+    """The state dict saved in ``path`` (bare, or under ``"state_dict"``), without a ``module.``
+    (DataParallel) prefix; read with ``weights_only=True``."""
+    state = load_torch_file(path)
+    if isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
+        state = state["state_dict"]
+    if not isinstance(state, dict) or not all(isinstance(key, str) for key in state):
+        raise ValueError(f"{os.fspath(path)!r} does not hold a state dict (got {type(state).__name__})")
+    return strip_prefix(state, ("module.",))[0]
+
+
 def load_strict(module: nn.Module, state: dict, source: str) -> None:
     """``module.load_state_dict(state, strict=True)`` with an error that names the file and a few keys."""
     expected, found = set(module.state_dict()), set(state)
@@ -129,12 +140,7 @@ def load_torchvision_resnet50(path: str | os.PathLike, num_classes: int = 1000) 
     """A torchvision-style ResNet-50 state dict (e.g. torchvision's ``resnet50-*.pth``) with ImageNet
     normalisation in front; a ``module.`` prefix (DataParallel) is removed."""
     path = os.fspath(path)
-    state = load_torch_file(path)
-    if isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
-        state = state["state_dict"]
-    if not isinstance(state, dict) or not all(isinstance(key, str) for key in state):
-        raise ValueError(f"{path!r} does not hold a state dict (got {type(state).__name__})")
-    state, _ = strip_prefix(state, ("module.",))
+    state = read_state_dict(path)
     model = NormalizedNet(ResNet50(num_classes), IMAGENET_MEAN, IMAGENET_STD)
     load_strict(model.net, state, f"the weights of {path!r} (torchvision-style resnet50)")
     meta = {"format": "torchvision", "arch": "resnet50", "dataset": "imagenet", "num_classes": num_classes,

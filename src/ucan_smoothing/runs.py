@@ -33,7 +33,7 @@ from .core.noises import Noise, make_noise
 from .core.smooth import Smooth
 from .data import DATASETS, canonical_dataset_name
 from .models import CHECKPOINT_FORMAT, Autocast, load_checkpoint, load_torch_file, model_spec, to_channels_last
-from .published import is_cohen_checkpoint, load_cohen_checkpoint, load_strict, load_torchvision_resnet50, strip_prefix
+from .published import is_cohen_checkpoint, load_cohen_checkpoint, load_strict, load_torchvision_resnet50, read_state_dict
 from .npg.generators import NoiseGenerator, generator_from_config
 from .npg.lipschitz_shift import lipschitz_bounds
 from .npg.paper_mode import PaperModeSmooth
@@ -275,13 +275,7 @@ def _factory_model(spec: str, weights) -> tuple[nn.Module, dict]:
         raise ValueError(f"--model {spec} returned {type(model).__name__}, not a torch.nn.Module")
     meta = {"format": "factory", "factory": spec}
     if weights is not None:
-        state = load_torch_file(weights)
-        if isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
-            state = state["state_dict"]
-        if not isinstance(state, dict) or not all(isinstance(k, str) for k in state):
-            raise ValueError(f"--weights {os.fspath(weights)!r} does not hold a state dict")
-        state, _ = strip_prefix(state, ("module.",))
-        load_strict(model, state, f"the weights of {os.fspath(weights)!r}")
+        load_strict(model, read_state_dict(weights), f"the weights of {os.fspath(weights)!r}")
         meta["weights"] = os.fspath(weights)
     return model, meta
 
