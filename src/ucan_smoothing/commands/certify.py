@@ -50,7 +50,6 @@ from ..core.smooth import Smooth
 from ..core.statistics import check_alpha, check_can_certify, check_count
 from ..core.streams import image_generator
 from ..data import load_dataset
-from ..distributed import cleanup, init_distributed
 from ..runs import prepare_model
 from ..results import (
     FLOAT_SOUND_COLUMN,
@@ -60,13 +59,15 @@ from ..results import (
     SEQUENTIAL_COLUMNS,
     ResultWriter,
     describe_noise,
-    merge_shards,
     row_from_certificate,
     shard_path,
     split_indices,
 )
 from .model_options import (
     SPEED_KEYS,
+    first_image_shape,
+    merge_parts,
+    run_in_process_group,
     add_model_options,
     add_run_options,
     check_contract,
@@ -155,12 +156,7 @@ def _float_sound(model, args, device) -> Smooth:
 def _check_first_image(model, smooth, data, indices, args) -> tuple:
     """The checks that need the data: one image at least, of the model's shape, and a radius (or grid)
     that this noise reaches within --n samples. Returns the input shape."""
-    if not indices:
-        raise ValueError(f"the {args.split} split has no images to certify")
-    shape = tuple(data[indices[0]][0].shape)
-    if shape != tuple(model.input_shape):
-        raise ValueError(f"image {indices[0]} of the {args.split} split has shape {shape} but the model "
-                         f"takes {tuple(model.input_shape)}")
+    shape = first_image_shape(model, data, indices, args.split)
     if args.radius is not None:
         plan_radius(smooth.noise, args.radius, args.norm, shape, args.alpha, max_n=args.n, method=args.method,
                     n_name="--n")
@@ -229,11 +225,7 @@ def _results(smooth, data, todo, labels, shape, args, batch_size, device):
 
 
 def run(args) -> int:
-    context = init_distributed(args.device)
-    try:
-        return _certify(args, context)
-    finally:
-        cleanup(context)
+    return run_in_process_group(args, _certify)
 
 
 def _certify(args, context) -> int:
@@ -311,11 +303,7 @@ def _certify(args, context) -> int:
             bar.update(1)
         bar.close()
 
-    if context.distributed:
-        context.barrier()
-        if context.is_main:
-            merge_shards(out, context.world_size, expected_indices=indices, non_identity=non_identity)
-        context.barrier()
+    merge_parts(context, out, indices, non_identity)
     if context.is_main:
         label = "" if is_certificate else " (NOT a certificate: paper-mode figures)"
         print(f"wrote {out} ({len(indices)} images){label}")

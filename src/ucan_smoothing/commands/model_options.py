@@ -19,6 +19,8 @@ from ..core.batch_size import fastest_batch_size
 from ..core.noises import FAMILIES, make_noise
 from ..core.smooth import Smooth
 from ..core.statistics import check_count
+from ..distributed import cleanup, init_distributed
+from ..results import merge_shards
 from ..runs import load_model
 
 
@@ -176,3 +178,32 @@ def choose_batch_size(smooth, x, args, device) -> tuple:
         return 1000, None  # input-adaptive modes draw their own noise per image
     best, measurements = fastest_batch_size(smooth.model, smooth.noise, x, device=device)
     return best, [{k: round(v, 6) if isinstance(v, float) else v for k, v in m.items()} for m in measurements]
+
+
+def first_image_shape(model, data, indices, split: str) -> tuple:
+    """The shape of the first image to process, checked against the model's (one image at least)."""
+    if not indices:
+        raise ValueError(f"the {split} split has no images to certify")
+    shape = tuple(data[indices[0]][0].shape)
+    if shape != tuple(model.input_shape):
+        raise ValueError(f"image {indices[0]} of the {split} split has shape {shape} but the model "
+                         f"takes {tuple(model.input_shape)}")
+    return shape
+
+
+def run_in_process_group(args, body) -> int:
+    """``body(args, context)`` inside the ``torchrun`` process group, if there is one."""
+    context = init_distributed(args.device)
+    try:
+        return body(args, context)
+    finally:
+        cleanup(context)
+
+
+def merge_parts(context, out, indices, non_identity) -> None:
+    """Under ``torchrun``: once every rank has written its part, rank 0 merges them into ``out``."""
+    if context.distributed:
+        context.barrier()
+        if context.is_main:
+            merge_shards(out, context.world_size, expected_indices=indices, non_identity=non_identity)
+        context.barrier()

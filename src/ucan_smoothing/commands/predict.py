@@ -22,11 +22,12 @@ from ..core.smooth import Smooth
 from ..core.statistics import check_alpha, check_count
 from ..core.streams import image_generator
 from ..data import load_dataset
-from ..distributed import cleanup, init_distributed
-from ..results import PER_IMAGE_NON_IDENTITY_KEYS, PREDICT_SCHEMA, ResultWriter, describe_noise, merge_shards, \
-    shard_path, split_indices
+from ..results import PER_IMAGE_NON_IDENTITY_KEYS, PREDICT_SCHEMA, ResultWriter, describe_noise, shard_path, split_indices
 from .model_options import (
     SPEED_KEYS,
+    first_image_shape,
+    merge_parts,
+    run_in_process_group,
     add_model_options,
     add_run_options,
     check_contract,
@@ -67,11 +68,7 @@ def _predictions(smooth, data, todo, labels, args, batch_size, device):
 
 
 def run(args) -> int:
-    context = init_distributed(args.device)
-    try:
-        return _predict(args, context)
-    finally:
-        cleanup(context)
+    return run_in_process_group(args, _predict)
 
 
 def _predict(args, context) -> int:
@@ -86,12 +83,7 @@ def _predict(args, context) -> int:
     is_certificate = noise.is_certificate and not args.paper_mode
     data = load_dataset(dataset_name, args.split, args.data_root)
     indices = list(range(0, len(data), args.skip))[: args.max]
-    if not indices:
-        raise ValueError(f"the {args.split} split has no images")
-    shape = tuple(data[indices[0]][0].shape)
-    if shape != tuple(model.input_shape):
-        raise ValueError(f"image {indices[0]} of the {args.split} split has shape {shape} but the model "
-                         f"takes {tuple(model.input_shape)}")
+    first_image_shape(model, data, indices, args.split)
     report = check_contract(model, smooth, data, args) if context.is_main else None
     batch_size, probe = choose_batch_size(smooth, data[indices[0]][0], args, context.device)
     pooled = isinstance(smooth, Smooth)
@@ -131,11 +123,7 @@ def _predict(args, context) -> int:
             bar.update(1)
         bar.close()
 
-    if context.distributed:
-        context.barrier()
-        if context.is_main:
-            merge_shards(out, context.world_size, expected_indices=indices, non_identity=non_identity)
-        context.barrier()
+    merge_parts(context, out, indices, non_identity)
     if context.is_main:
         print(f"wrote {out} ({len(indices)} images)")
     return 0
