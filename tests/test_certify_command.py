@@ -13,16 +13,11 @@ import torch
 
 from ucan_smoothing.cli import main
 from ucan_smoothing.results import read_results, read_sidecar
-from ucan_smoothing.training import train_classifier
 
 
-@pytest.fixture(scope="module")
-def run_dir(tmp_path_factory):
-    try:
-        return train_classifier(max_train=256, max_test=64, epochs=1, out=str(tmp_path_factory.mktemp("run") / "r"),
-                                progress=False, seed=0)
-    except FileNotFoundError as error:  # MNIST wheel not installed
-        pytest.skip(str(error))
+@pytest.fixture
+def run_dir(mnist_run):
+    return mnist_run
 
 
 def certify_args(run_dir, out, *extra):

@@ -7,16 +7,11 @@ from ucan_smoothing.core.pool import predict_pool
 from ucan_smoothing.data import load_dataset
 from ucan_smoothing.results import read_results, read_sidecar
 from ucan_smoothing.runs import load_trained
-from ucan_smoothing.training import train_classifier
 
 
-@pytest.fixture(scope="module")
-def run_dir(tmp_path_factory):
-    try:
-        return train_classifier(max_train=512, max_test=64, epochs=1, out=str(tmp_path_factory.mktemp("run") / "r"),
-                                progress=False, seed=0)
-    except FileNotFoundError as error:  # MNIST wheel not installed
-        pytest.skip(str(error))
+@pytest.fixture
+def run_dir(mnist_run):
+    return mnist_run
 
 
 def predict_args(run_dir, out, *extra):
