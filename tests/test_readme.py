@@ -33,6 +33,7 @@ SMALLER = {
     "certify": ["--max", "2", "--n", "200", "--no-progress", "--no-contract-check"],
     "analyze": [],
     "attack": ["--max", "1", "--n", "200", "--no-progress"],
+    "predict": ["--max", "2", "--n", "200", "--no-progress", "--no-contract-check"],
 }
 
 
@@ -57,7 +58,8 @@ def test_readme_commands_run_as_written(tmp_path, monkeypatch, capsys):
     except DataNotFoundError as error:  # MNIST wheel not installed
         pytest.skip(str(error))
     commands, others = readme_commands()
-    assert [args[0] for args in commands] == ["train"] * 3 + ["certify"] * 3 + ["analyze", "attack"], commands
+    assert [args[0] for args in commands] == ["train"] * 3 + ["certify"] * 4 + ["analyze", "attack", "predict"], \
+        commands
     assert others == []
     monkeypatch.chdir(tmp_path)  # the README's relative runs/ and results/ land here
     for args in commands:
@@ -72,3 +74,5 @@ def test_readme_commands_run_as_written(tmp_path, monkeypatch, capsys):
     assert all(row["decided_radius"] == 0.5 and row["samples_used"] <= 100 + 1000 for row in sequential)
     assert [row["idx"] for row in read_results("results/universal.tsv")] == [0, 20]
     assert len(read_results("results/universal.attack.tsv")) == 1
+    assert [row["idx"] for row in read_results("results/isotropic-grid.tsv")] == [0, 20]
+    assert [row["idx"] for row in read_results("results/isotropic.predict.tsv")] == [0, 20]
