@@ -18,8 +18,9 @@ def load_script():
 
 def test_tiny_run_writes_the_report(tmp_path):
     bench = load_script()
-    argv = ["--out", str(tmp_path), "--levels", "0.25", "--images", "2", "--fixed-images", "1", "--n", "300",
-            "--max-train", "256", "--max-test", "32", "--epochs", "1", "--batch-size", "200", "--rounds", "1", "--no-contract-check"]
+    argv = ["--out", str(tmp_path), "--levels", "0.25", "--images", "2", "--fixed-images", "1", "--rounds", "1",
+            "--n", "300", "--max-train", "256", "--max-test", "32", "--epochs", "1", "--batch-size", "200",
+            "--no-contract-check"]
     try:
         assert bench.main(argv) == 0
     except FileNotFoundError as error:  # MNIST wheel not installed
@@ -39,6 +40,7 @@ def test_tiny_run_writes_the_report(tmp_path):
     assert grid["wall_s"] > 0 and level["fixed_scaled"]["wall_s"] > 0
     assert set(level["differing_by_radius"]) == {f"{0.25 * k:g}" for k in range(10)}
     assert report["overall"]["call_ratio"] == pytest.approx(level["call_ratio"])
+    assert 2 * 100 <= level["calls_floor"] <= grid["calls"]
     assert "| 0.25 | 2 |" in (tmp_path / "bench_table.md").read_text()
     # a second run reuses the finished runs and their timings
     assert bench.main(argv) == 0
