@@ -23,6 +23,7 @@ import sys
 COMMANDS = {
     "demo": ("ucan_smoothing.commands.demo", "isotropic vs UCAN noise on MNIST in minutes: train, certify, compare"),
     "train": ("ucan_smoothing.commands.train", "train a base classifier or a noise parameter generator"),
+    "train-dual": ("ucan_smoothing.commands.train_dual", "train the noise selector of a dual-smoothing run (sound)"),
     "certify": ("ucan_smoothing.commands.certify", "certify a model on a data split (resumable)"),
     "predict": ("ucan_smoothing.commands.predict", "Cohen's PREDICT on a data split (resumable)"),
     "analyze": ("ucan_smoothing.commands.analyze", "tables and plots from result files"),
@@ -30,7 +31,7 @@ COMMANDS = {
     "attack": ("ucan_smoothing.commands.attack", "search certified regions for counterexamples"),
 }
 #: commands that compute with torch: each takes ``--threads N`` (added here unless it has its own)
-COMPUTE_COMMANDS = ("demo", "train", "certify", "bench", "attack", "predict")
+COMPUTE_COMMANDS = ("demo", "train", "train-dual", "certify", "bench", "attack", "predict")
 #: errors of writing a file: "cannot write PATH: ..."
 _WRITE_ERRNOS = {errno.ENOSPC, getattr(errno, "EDQUOT", errno.ENOSPC), errno.EROFS, errno.EFBIG, errno.EEXIST,
                  errno.ENOTDIR}

@@ -35,6 +35,7 @@ from .data import DATASETS, canonical_dataset_name
 from .models import CHECKPOINT_FORMAT, Autocast, load_checkpoint, load_torch_file, model_spec, to_channels_last
 from .published import is_cohen_checkpoint, load_cohen_checkpoint, load_strict, load_torchvision_resnet50, read_state_dict
 from .npg.generators import NoiseGenerator, generator_from_config
+from .npg.dual import DualNoise, DualSmooth, FirstLogits, describe_menu
 from .npg.lipschitz_shift import lipschitz_bounds
 from .npg.paper_mode import PaperModeSmooth
 from .npg.shifts import shift_from_config, shift_smoothed
@@ -199,7 +200,80 @@ def load_trained(path: str | os.PathLike, expected_model: str | None = None, exp
     shift = None
     if extra.get("shift") is not None:
         shift = shift_from_config(extra["shift"], extra.get("shift_state"))
-    return TrainedRun(model, base, generator, meta, shift)
+    run = TrainedRun(model, base, generator, meta, shift)
+    return _dual_run(path, run, extra["dual"]) if extra.get("dual") is not None else run
+
+
+@dataclass
+class DualRun:
+    """A dual-smoothing run (``ucan train-dual``, :mod:`ucan_smoothing.npg.dual`): a selector
+    network under its own Gaussian noise and the fixed-noise expert runs it chooses among.
+    It answers the questions of :class:`TrainedRun`; ``smoothed()`` is a :class:`DualSmooth`."""
+
+    selector: TrainedRun
+    experts: tuple  # TrainedRun each, in menu order
+    share: float  # the selector's part of alpha
+    generator = None  # the noise of each expert is fixed, the choice is certified
+    shift = None
+    input_dependent = False
+
+    @property
+    def model(self) -> nn.Module:
+        return self.experts[0].model
+
+    @property
+    def meta(self) -> dict:
+        return self.selector.meta
+
+    @property
+    def base_noise(self) -> Noise:
+        return self.selector.base_noise
+
+    def noise(self, sigma_min: float = 1e-6) -> DualNoise:
+        return DualNoise(tuple(expert.noise() for expert in self.experts), self.selector.base_noise)
+
+    def smoothed(self, device=None, *, paper_mode: bool = False, sigma_min: float = 1e-6,
+                 channels_last: bool = False, amp: str | None = None) -> DualSmooth:
+        if paper_mode:
+            raise ValueError("--paper-mode is only for runs with an input-dependent generator; a dual run is sound")
+        net = prepare_model(self.selector.model, device, channels_last, amp)
+        selector = Smooth(FirstLogits(net, len(self.experts)).eval(), len(self.experts), self.selector.base_noise,
+                          input_shape=self.input_shape)
+        experts = [expert.smoothed(device, channels_last=channels_last, amp=amp) for expert in self.experts]
+        return DualSmooth(selector, experts, self.share)
+
+    def lipschitz(self):
+        return None
+
+    def description(self) -> str:
+        """``dual:gaussian:0.25|gaussian:0.5|gaussian:1;selector=gaussian:0.5``"""
+        return f"dual:{describe_menu([e.noise() for e in self.experts])};selector=gaussian:{self.base_noise.scale:g}"
+
+    @property
+    def num_classes(self) -> int:
+        return self.experts[0].num_classes
+
+    @property
+    def input_shape(self) -> tuple:
+        return self.experts[0].input_shape
+
+
+def _dual_run(path, selector: TrainedRun, record: dict) -> DualRun:
+    """The experts a dual checkpoint names, each checked against the SHA-256 it was trained with."""
+    from .fileio import file_sha256
+
+    experts = []
+    for entry in record["experts"]:
+        checkpoint = Path(entry["checkpoint"])
+        if not checkpoint.is_file():
+            raise FileNotFoundError(f"dual run {str(path)!r} needs its expert {str(checkpoint)!r}, which is missing")
+        if file_sha256(checkpoint) != entry["sha256"]:
+            raise ValueError(f"expert {str(checkpoint)!r} of dual run {str(path)!r} changed since the selector "
+                             "was trained (SHA-256 differs): retrain the selector with ucan train-dual")
+        experts.append(load_trained(checkpoint))
+    if selector.base_noise.describe()["family"] != "gaussian":
+        raise ValueError(f"dual run {str(path)!r}: the selector's noise must be Gaussian")
+    return DualRun(selector, tuple(experts), float(record["share"]))
 
 
 # --------------------------------------------------------------------------- models from elsewhere

@@ -50,7 +50,7 @@ from ..core.smooth import Smooth
 from ..core.statistics import check_alpha, check_can_certify, check_count
 from ..core.streams import image_generator
 from ..data import load_dataset
-from ..runs import prepare_model
+from ..runs import DualRun, prepare_model
 from ..results import (
     FLOAT_SOUND_COLUMN,
     GRID_COLUMNS,
@@ -137,6 +137,9 @@ def _check_mode(model, args) -> bool:
     if getattr(model.shift, "clean_input", False) and sequential:
         raise ValueError("the sequential mode (--radius, --radii) is not available for a lipschitz_shift run: "
                          "certify it without them (its radius is R / (1 + L))")
+    if isinstance(model, DualRun) and sequential:
+        raise ValueError("the sequential mode (--radius, --radii) is not available for a dual run: certify it "
+                         "without them (two CERTIFY runs per image, the selector's and the expert's)")
     return paper_mode
 
 
@@ -198,7 +201,8 @@ def _results(smooth, data, todo, labels, shape, args, batch_size, device):
             start = time.perf_counter()
             certificate = smooth.certify(x, args.n0, args.n, args.alpha, batch_size,
                                          generator=image_generator(args.seed, idx, device))
-            yield idx, certificate, {}, time.perf_counter() - start
+            extra = {column.name: certificate.extra[column.name] for column in getattr(smooth, "row_columns", ())}
+            yield idx, certificate, extra, time.perf_counter() - start
         return
     items = images()
     common = dict(seed=args.seed, batch_size=batch_size, pool_size=args.pool_size)
@@ -255,6 +259,7 @@ def _certify(args, context) -> int:
         mode, schema = "grid-cp", RESULT_SCHEMA.with_columns(*GRID_COLUMNS)
     else:
         mode, schema = ("paper" if paper_mode else "certify"), RESULT_SCHEMA
+    schema = schema.with_columns(*getattr(smooth, "row_columns", ()))  # a mode's own columns (dual: the expert)
     schema = schema.with_columns(FLOAT_SOUND_COLUMN)  # every row says whether it holds in floating point
     pooled = isinstance(smooth, Smooth)
     config = {

@@ -12,6 +12,7 @@ Nothing here imports torch or the rest of the package (only
 from .schema import (
     COHEN_COLUMNS,
     COHEN_SCHEMA,
+    DUAL_COLUMNS,
     FLOAT_SOUND_COLUMN,
     GRID_COLUMNS,
     PREDICT_SCHEMA,

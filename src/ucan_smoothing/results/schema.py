@@ -119,6 +119,13 @@ GRID_COLUMNS = (
     Column("grid_radius", "float"),
     Column("samples_used", "int"),
 )
+#: for a dual-smoothing run (npg/dual.py): the expert the smoothed selector chose (-1: it abstained), the
+#: selector's lower bound and its l2 radius, which caps the row's radii
+DUAL_COLUMNS = (
+    Column("expert", "int"),
+    Column("selector_p_lower", "float"),
+    Column("selector_radius_l2", "float"),
+)
 #: every row of ``ucan certify``: whether the float-sound mode (core/float_sound.py) was on, i.e. whether the
 #: certificate holds for the floating-point arithmetic actually executed, not only in exact arithmetic
 FLOAT_SOUND_COLUMN = Column("float_sound", "bool")
@@ -144,7 +151,7 @@ PREDICT_COLUMNS = (
 LEADS = (COHEN_COLUMNS, COHEN_PREDICT_COLUMNS)
 #: kinds the reader uses for columns it meets; other columns get the narrowest kind that fits
 KNOWN_COLUMNS = {column.name: column for column in
-                 COHEN_COLUMNS + UCAN_COLUMNS + SEQUENTIAL_COLUMNS + GRID_COLUMNS + PREDICT_COLUMNS
+                 COHEN_COLUMNS + UCAN_COLUMNS + SEQUENTIAL_COLUMNS + GRID_COLUMNS + DUAL_COLUMNS + PREDICT_COLUMNS
                  + (FLOAT_SOUND_COLUMN,)}
 
 
