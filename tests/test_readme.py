@@ -31,6 +31,7 @@ SMALLER = {
     "train": ["--max-train", "256", "--max-test", "128", "--epochs", "1", "--no-progress"],
     # the models trained on 256 images are near chance, which the input-contract check rightly flags
     "certify": ["--max", "2", "--n", "200", "--no-progress", "--no-contract-check"],
+    "train-dual": ["--max-train", "64", "--epochs", "1", "--label-samples", "4", "--no-progress"],
     "analyze": [],
     "attack": ["--max", "1", "--n", "200", "--no-progress"],
     "predict": ["--max", "2", "--n", "200", "--no-progress", "--no-contract-check"],
@@ -58,7 +59,7 @@ def test_readme_commands_run_as_written(tmp_path, monkeypatch, capsys):
     except DataNotFoundError as error:  # MNIST wheel not installed
         pytest.skip(str(error))
     commands, others = readme_commands()
-    assert [args[0] for args in commands] == ["train"] * 3 + ["certify"] * 4 + ["analyze", "attack", "predict"], \
+    assert [args[0] for args in commands] == ["train"] * 3 + ["certify"] * 4 + ["analyze", "attack", "predict", "train-dual", "certify"], \
         commands
     assert others == []
     monkeypatch.chdir(tmp_path)  # the README's relative runs/ and results/ land here
@@ -76,3 +77,6 @@ def test_readme_commands_run_as_written(tmp_path, monkeypatch, capsys):
     assert len(read_results("results/universal.attack.tsv")) == 1
     assert [row["idx"] for row in read_results("results/isotropic-grid.tsv")] == [0, 20]
     assert [row["idx"] for row in read_results("results/isotropic.predict.tsv")] == [0, 20]
+    dual = read_results("results/dual.tsv")
+    assert [row["idx"] for row in dual] == [0, 20]
+    assert all(row["npg"] == "dual:gaussian:0.25|gaussian:0.25:anisotropic;selector=gaussian:0.25" for row in dual)

@@ -98,11 +98,12 @@ class DualNoise:
 
 
 def describe_menu(experts) -> str:
-    """``gaussian:0.25|gaussian:0.5|gaussian:1``: the menu of expert noises, for the ``npg`` column."""
+    """``gaussian:0.25|gaussian:0.5|gaussian:1``: the menu of expert noises, for the ``npg`` column
+    (``gaussian:0.25:anisotropic`` for a fixed anisotropic noise of that level)."""
     parts = []
     for noise in experts:
         info = noise.describe()
-        parts.append(f"{info['family']}:{info['scale']:g}")
+        parts.append(f"{info['family']}:{info['scale']:g}" + (":anisotropic" if info.get("anisotropic") else ""))
     return "|".join(parts)
 
 
