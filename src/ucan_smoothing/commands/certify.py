@@ -38,6 +38,8 @@ import argparse
 import time
 from pathlib import Path
 
+import torch
+
 from tqdm.auto import tqdm
 
 from ..core.certificate import ABSTAIN, Certificate
@@ -50,6 +52,9 @@ from ..core.smooth import Smooth
 from ..core.statistics import check_alpha, check_can_certify, check_count
 from ..core.streams import image_generator
 from ..data import load_dataset
+from ..fileio import atomic_open
+from ..models import load_torch_file
+from ..npg.memory import MemorySmooth
 from ..runs import DualRun, prepare_model
 from ..results import (
     FLOAT_SOUND_COLUMN,
@@ -105,6 +110,11 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--paper-mode", action="store_true",
                         help="certify an input-dependent NPG as the paper does (sigma(x), mu(x) frozen at the clean "
                              "input): reproduces its numbers, NOT a certificate (rows get is_certificate=false)")
+    parser.add_argument("--memory", action="store_true",
+                        help="with --paper-mode: answer the images in order through a memory of the regions already "
+                             "issued (abstain on a conflict, shrink a region over an earlier answer of another "
+                             "class): a guarantee about this sequence of queries, still NOT a certificate "
+                             "(npg/memory.py, docs/adaptive.md); kept in OUT.memory.pt for resuming")
 
 
 # -- checks, all before anything is written --------------------------------------------------------
@@ -134,6 +144,9 @@ def _check_mode(model, args) -> bool:
     sequential = args.radius is not None or args.radii is not None
     if paper_mode and sequential:
         raise ValueError("--paper-mode cannot be combined with --radius or --radii")
+    if getattr(args, "memory", False) and not paper_mode:
+        raise ValueError("--memory goes with --paper-mode (the memory guards the paper's input-dependent answers; "
+                         "the other modes are proven certificates and need none)")
     if getattr(model.shift, "clean_input", False) and sequential:
         raise ValueError("the sequential mode (--radius, --radii) is not available for a lipschitz_shift run: "
                          "certify it without them (its radius is R / (1 + L))")
@@ -199,8 +212,13 @@ def _results(smooth, data, todo, labels, shape, args, batch_size, device):
     if not isinstance(smooth, Smooth):  # paper mode, lipschitz_shift, ...: their own noise per image
         for idx, x in images():
             start = time.perf_counter()
+            answered = len(getattr(smooth, "answers", ()))
             certificate = smooth.certify(x, args.n0, args.n, args.alpha, batch_size,
                                          generator=image_generator(args.seed, idx, device))
+            if isinstance(smooth, MemorySmooth):  # saved before its row is written: no row lacks its memory
+                smooth.indices += [idx] * (len(smooth.answers) - answered)
+                smooth.queried.append(idx)
+                save_memory(args.out, smooth)
             extra = {column.name: certificate.extra[column.name] for column in getattr(smooth, "row_columns", ())}
             yield idx, certificate, extra, time.perf_counter() - start
         return
@@ -228,6 +246,35 @@ def _results(smooth, data, todo, labels, shape, args, batch_size, device):
         yield idx, _certificate_from(result, smooth.noise, shape, args.alpha), extra, seconds
 
 
+def memory_path(out) -> Path:
+    return Path(str(out) + ".memory.pt")
+
+
+def save_memory(out, smooth: MemorySmooth) -> None:
+    """The memory, atomically: its answers, the image index of each, and every image queried so far."""
+    state = {**smooth.state(), "indices": list(smooth.indices), "queried": list(smooth.queried)}
+    with atomic_open(memory_path(out)) as handle:
+        torch.save(state, handle)
+
+
+def load_memory(out, smooth: MemorySmooth, done) -> None:
+    """The memory of the images already in the result file (the answers of unwritten rows are dropped:
+    those images are asked again, and answered identically from their own noise streams)."""
+    smooth.indices, smooth.queried = [], []
+    path = memory_path(out)
+    if not done:
+        return
+    if not path.is_file():
+        raise ValueError(f"{out} has rows but its memory {path} is missing: certify into a new --out")
+    state = load_torch_file(path)
+    if not set(done) <= set(state["queried"]):
+        raise ValueError(f"{path} does not hold the memory of every row of {out}: certify into a new --out")
+    kept = [(i, answer) for i, answer in zip(state["indices"], MemorySmooth.answers_from_state(state)) if i in done]
+    smooth.indices = [i for i, _ in kept]
+    smooth.answers = [answer for _, answer in kept]
+    smooth.queried = [i for i in state["queried"] if i in done]
+
+
 def run(args) -> int:
     return run_in_process_group(args, _certify)
 
@@ -242,6 +289,11 @@ def _certify(args, context) -> int:
     else:
         smooth = model.smoothed(context.device, paper_mode=paper_mode, channels_last=args.channels_last,
                                 amp=args.amp)
+    args.memory = getattr(args, "memory", False)
+    if args.memory:
+        if context.distributed:
+            raise ValueError("--memory answers the images as one sequence: run it in one process, not under torchrun")
+        smooth = MemorySmooth(smooth)
     noise = model.base_noise if paper_mode else smooth.noise if args.float_sound else model.noise()
     is_certificate = noise.is_certificate and not paper_mode
     sequential = args.radius is not None or args.radii is not None
@@ -258,7 +310,7 @@ def _certify(args, context) -> int:
     elif args.radii is not None:
         mode, schema = "grid-cp", RESULT_SCHEMA.with_columns(*GRID_COLUMNS)
     else:
-        mode, schema = ("paper" if paper_mode else "certify"), RESULT_SCHEMA
+        mode, schema = ("paper+memory" if args.memory else "paper" if paper_mode else "certify"), RESULT_SCHEMA
     schema = schema.with_columns(*getattr(smooth, "row_columns", ()))  # a mode's own columns (dual: the expert)
     schema = schema.with_columns(FLOAT_SOUND_COLUMN)  # every row says whether it holds in floating point
     pooled = isinstance(smooth, Smooth)
@@ -271,7 +323,7 @@ def _certify(args, context) -> int:
         "is_certificate": is_certificate, "mode": mode,
         "radius": args.radius, "norm": norm_name(args.norm) if sequential else None,
         "out": str(args.out), "progress": args.progress, "device": str(context.device),
-        "channels_last": args.channels_last, "float_sound": args.float_sound,
+        "channels_last": args.channels_last, "float_sound": args.float_sound, "memory": args.memory,
         "noise_streams": NOISE_STREAMS if pooled else "per-image-generator",
         "batch_probe": probe, "pool_size": args.pool_size,
         "contract": None if report is None else report.to_dict(),
@@ -292,6 +344,8 @@ def _certify(args, context) -> int:
     with ResultWriter(target, config, schema=schema, non_identity=non_identity) as writer:
         mine = split_indices(indices, context.rank, context.world_size)
         todo = [i for i in mine if i not in writer.done_indices()]
+        if args.memory:
+            load_memory(args.out, smooth, [i for i in mine if i in writer.done_indices()])
         bar = tqdm(total=len(mine), initial=len(mine) - len(todo), unit="image",
                    disable=not (args.progress and context.is_main))
         certified = abstained = finished = 0

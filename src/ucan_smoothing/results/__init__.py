@@ -18,6 +18,7 @@ from .schema import (
     PREDICT_SCHEMA,
     KINDS,
     KNOWN_COLUMNS,
+    MEMORY_COLUMNS,
     RESULT_SCHEMA,
     SEQUENTIAL_COLUMNS,
     UCAN_COLUMNS,

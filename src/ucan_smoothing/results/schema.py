@@ -126,6 +126,10 @@ DUAL_COLUMNS = (
     Column("selector_p_lower", "float"),
     Column("selector_radius_l2", "float"),
 )
+#: for ``ucan certify --paper-mode --memory`` (npg/memory.py): what the memory did to the row (ok, conflict:
+#: abstained because the image lies in an earlier region of another class, shrunk: the region was cut to keep
+#: an earlier answer of another class outside)
+MEMORY_COLUMNS = (Column("memory", "str"),)
 #: every row of ``ucan certify``: whether the float-sound mode (core/float_sound.py) was on, i.e. whether the
 #: certificate holds for the floating-point arithmetic actually executed, not only in exact arithmetic
 FLOAT_SOUND_COLUMN = Column("float_sound", "bool")
@@ -151,7 +155,7 @@ PREDICT_COLUMNS = (
 LEADS = (COHEN_COLUMNS, COHEN_PREDICT_COLUMNS)
 #: kinds the reader uses for columns it meets; other columns get the narrowest kind that fits
 KNOWN_COLUMNS = {column.name: column for column in
-                 COHEN_COLUMNS + UCAN_COLUMNS + SEQUENTIAL_COLUMNS + GRID_COLUMNS + DUAL_COLUMNS + PREDICT_COLUMNS
+                 COHEN_COLUMNS + UCAN_COLUMNS + SEQUENTIAL_COLUMNS + GRID_COLUMNS + DUAL_COLUMNS + MEMORY_COLUMNS + PREDICT_COLUMNS
                  + (FLOAT_SOUND_COLUMN,)}
 
 
