@@ -29,13 +29,14 @@ import torch
 from torch import nn
 
 from .core.anisotropic import Anisotropic
-from .core.noises import Noise, make_noise
+from .core.noises import Gaussian, Noise, make_noise
 from .core.smooth import Smooth
 from .data import DATASETS, canonical_dataset_name
 from .models import CHECKPOINT_FORMAT, Autocast, load_checkpoint, load_torch_file, model_spec, to_channels_last
 from .published import is_cohen_checkpoint, load_cohen_checkpoint, load_strict, load_torchvision_resnet50, read_state_dict
 from .npg.generators import NoiseGenerator, generator_from_config
 from .npg.dual import DualNoise, DualSmooth, FirstLogits, describe_menu
+from .npg.elastic_sigma import ElasticSigmaSmooth
 from .npg.lipschitz_shift import lipschitz_bounds
 from .npg.paper_mode import PaperModeSmooth
 from .npg.shifts import shift_from_config, shift_smoothed
@@ -76,14 +77,19 @@ class TrainedRun:
     shift: nn.Module | None = None
 
     def noise(self, sigma_min: float = 1e-6):
-        if self.generator is None:
-            return self.base_noise
+        if self.generator is None or self.elastic:
+            return self.base_noise  # an elastic level scales it per input (the npg column says so)
         return self.generator.to_noise(self.base_noise, sigma_min=sigma_min)
+
+    @property
+    def elastic(self) -> bool:
+        """True for a semi-elastic level (``elastic_sigma``): input-dependent, certified by its own bound."""
+        return self.generator is not None and self.generator.kind == "elastic_sigma"
 
     @property
     def input_dependent(self) -> bool:
         """True for the paper's input-dependent NPG (certified only in the labelled paper mode)."""
-        return self.generator is not None and self.generator.input_dependent
+        return self.generator is not None and self.generator.input_dependent and not self.elastic
 
     def smoothed(self, device=None, *, paper_mode: bool = False, sigma_min: float = 1e-6,
                  channels_last: bool = False, amp: str | None = None):
@@ -106,6 +112,8 @@ class TrainedRun:
                              "paper's figures, labelled is_certificate=false, or use a sound mode of "
                              "ucan_smoothing.npg")
         model = prepare_model(self.model, device, channels_last, amp)
+        if self.elastic:
+            return self._elastic_smoothed(model, device)
         if paper_mode:
             generator = self.generator if device is None else self.generator.to(device)
             return PaperModeSmooth(model, self.num_classes, self.base_noise, generator,
@@ -115,6 +123,13 @@ class TrainedRun:
             shift = self.shift if device is None else self.shift.to(device)
             return shift_smoothed(model, self.num_classes, noise, shift, input_shape=self.input_shape)
         return Smooth(model, self.num_classes, noise, input_shape=self.input_shape)
+
+    def _elastic_smoothed(self, model, device) -> ElasticSigmaSmooth:
+        if not isinstance(self.base_noise, Gaussian):
+            raise ValueError(f"an elastic_sigma run is certified with Gaussian noise only, not {self.base_noise!r}")
+        generator = (self.generator if device is None else self.generator.to(device)).eval()
+        return ElasticSigmaSmooth(model, self.num_classes, self.base_noise.scale, generator.as_level(),
+                                  generator.elasticity_bound(), input_shape=self.input_shape)
 
     def lipschitz(self) -> float | None:
         """``lipschitz_shift`` runs: the proven ``L`` of the noise's primary norm (sigma folded in); else None."""
@@ -128,6 +143,8 @@ class TrainedRun:
         ``noisy_shift``, ``lipschitz_shift:L=0.5``; a shift under a fixed NPG's noise adds it after a ``+``
         (``noisy_shift+pattern:p=1``)."""
         text = "none"
+        if self.elastic:
+            return f"elastic_sigma:r={self.generator.elasticity_bound():.4g}"
         if self.generator is not None:
             info = self.generator.describe()
             text = f"{info['kind']}:p={info['p']}" if "p" in info else info["kind"]

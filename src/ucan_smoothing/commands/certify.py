@@ -289,6 +289,9 @@ def _certify(args, context) -> int:
     else:
         smooth = model.smoothed(context.device, paper_mode=paper_mode, channels_last=args.channels_last,
                                 amp=args.amp)
+    if (args.radius is not None or args.radii is not None) and not isinstance(smooth, Smooth):
+        raise ValueError(f"the sequential modes (--radius, --radii) need a fixed-noise run; {model.description()} "
+                         "certifies each image with its own noise: certify it without them")
     args.memory = getattr(args, "memory", False)
     if args.memory:
         if context.distributed:

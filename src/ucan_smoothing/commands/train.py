@@ -75,7 +75,10 @@ def configure(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--hidden", type=int, help="universal, lipschitz_shift: width of the MLP layers (default 256)")
     g.add_argument("--lipschitz", type=float, help="lipschitz_shift: the Lipschitz bound L enforced on mu "
                    "(default 0.5; certified radius R / (1 + L), L recomputed from the weights)")
-    g.add_argument("--depth", type=int, help="lipschitz_shift: number of linear layers of mu (default 2)")
+    g.add_argument("--depth", type=int, help="lipschitz_shift: number of linear layers of mu (default 2); "
+                   "elastic_sigma: of the level's MLP (default 2)")
+    g.add_argument("--elasticity", type=float, help="elastic_sigma: the bound r enforced on the l2 Lipschitz constant "
+                   "of log sigma(x) (default 0.01; recomputed from the weights for the certificate)")
     g.add_argument("--latent-dim", type=int, help="universal: size of the fixed input vector (default 64)")
     g.add_argument("--base", help="npg target: checkpoint (or run folder) of the base classifier")
     g.add_argument("--joint", action="store_true", default=None, help="npg target: train the classifier too")
@@ -109,7 +112,8 @@ def configure(parser: argparse.ArgumentParser) -> None:
 
 _NPG_FLAGS = {"p": "p", "kappa": "kappa", "iota": "iota", "centre": "centre", "train_pattern": "trainable",
               "gamma": "gamma", "gamma_mu": "gamma_mu", "normalize": "normalize", "hidden": "hidden",
-              "latent_dim": "latent_dim", "lipschitz": "lipschitz", "depth": "depth"}
+              "latent_dim": "latent_dim", "lipschitz": "lipschitz", "depth": "depth",
+              "elasticity": "elasticity"}
 _PLAIN_FLAGS = ("model", "dataset", "data_root", "max_train", "max_test", "noise", "scale", "npg_checkpoint", "base",
                 "joint", "sigma_weight", "epochs", "batch_size", "optimizer", "lr", "momentum", "weight_decay",
                 "lr_step", "lr_decay", "classifier_lr", "seed", "device", "threads", "workers", "checkpoint_every",

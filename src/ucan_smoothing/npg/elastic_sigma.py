@@ -22,6 +22,7 @@ from ..core.noises import Gaussian
 from ..core.regions import CertifiedRegion, Scaling
 from ..core.smooth import Smooth
 from ..core.streams import model_device, resolve_generator
+from ..results import ELASTIC_COLUMNS
 
 class _ElasticBound:
     """The chained Neyman-Pearson bound of :func:`elastic_sigma_lower_bound` for one
@@ -119,6 +120,8 @@ class ElasticSigmaSmooth:
 
     is_certificate = True
     primary_norm = 2
+    #: the column its rows add (the level used at each image, from the certificate's ``extra``)
+    row_columns = ELASTIC_COLUMNS
 
     def __init__(self, model: nn.Module, num_classes: int, scale: float, sigma_fn: Callable, elasticity: float, *,
                  input_shape=None, pieces: int = 64):
@@ -179,3 +182,4 @@ class ElasticSigmaSmooth:
         level = self.level(x[None])[0]
         eps = torch.randn((num, *x.shape), generator=generator, device=x.device, dtype=x.dtype)
         return self.model(x + level * eps)
+

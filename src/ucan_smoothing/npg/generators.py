@@ -54,6 +54,10 @@ Parametrisations (all keep ``sigma > 0`` by construction):
   geometric normalisation), each ``G`` being 4 conv + leaky-ReLU blocks and
   a dense head; ``gamma = 1`` as in the paper. ITS CERTIFICATES ARE NOT
   SOUND: ``is_certificate = False`` and ``to_noise`` raises.
+* elastic_sigma: one level per input, ``sigma(x) = exp(gamma * tanh(MLP(x)))``
+  with ``log sigma`` PROVABLY ``elasticity``-Lipschitz in l2, ``mu = 0``;
+  sound only through :class:`~ucan_smoothing.npg.elastic_sigma.ElasticSigmaSmooth`
+  (Sukenik et al.'s setting): ``to_noise`` raises, as for every input-dependent kind.
 """
 
 from __future__ import annotations
@@ -67,6 +71,7 @@ import torch.nn.functional as F
 from ..core.anisotropic import Anisotropic
 from ..core.noises import Noise
 from ..core.norms import parse_norm
+from .lipschitz_shift import LipschitzMLP
 
 __all__ = [
     "GENERATORS",
@@ -421,10 +426,74 @@ class InputDependentGenerator(NoiseGenerator):
         }
 
 
+class ElasticSigmaGenerator(NoiseGenerator):
+    """A trainable semi-elastic level: ``sigma(x) = exp(gamma * tanh(MLP(x)))``, one number per input.
+
+    The MLP is a :class:`~ucan_smoothing.npg.lipschitz_shift.LipschitzMLP` with a scalar output, its
+    layers capped so that ``log sigma`` is at most ``elasticity``-Lipschitz in l2;
+    :meth:`elasticity_bound` recomputes the PROVEN bound from the saved weights (exact operator
+    norms), and that is what certification uses. The last layer starts at zero: a fresh generator
+    is ``sigma = 1`` (the base level). As an NPG it returns ``(sigma, 0)`` broadcast to the input's
+    shape, so ``ucan train npg --kind elastic_sigma`` trains it like the input-dependent NPG; it
+    is certified only by :class:`ElasticSigmaSmooth` (Gaussian base noise), never by Theorem 3.2.
+    """
+
+    kind = "elastic_sigma"
+    input_dependent = True
+    is_certificate = True  # through ElasticSigmaSmooth's chained Neyman-Pearson bound
+
+    def __init__(self, input_shape, elasticity: float = 0.01, gamma: float = 0.5, hidden: int = 64, depth: int = 2):
+        super().__init__(input_shape)
+        self.elasticity, self.gamma = float(elasticity), float(gamma)
+        if not (math.isfinite(self.elasticity) and self.elasticity > 0):
+            raise ValueError(f"elasticity must be finite and > 0, got {elasticity}")
+        if not (math.isfinite(self.gamma) and self.gamma > 0) or int(depth) < 1 or int(hidden) < 1:
+            raise ValueError(f"need gamma > 0, depth >= 1 and hidden >= 1, got {gamma}, {depth}, {hidden}")
+        self.hidden, self.depth = int(hidden), int(depth)
+        cap = (self.elasticity / self.gamma) ** (1.0 / self.depth)
+        self.net = LipschitzMLP(self.input_shape, (1,), hidden=self.hidden, depth=self.depth, gamma=self.gamma,
+                                norm=2, cap=cap)
+        nn.init.zeros_(self.net.layers[-1].weight)
+        nn.init.zeros_(self.net.layers[-1].bias)
+
+    def level(self, x: torch.Tensor) -> torch.Tensor:
+        """``sigma(x)``, shape ``(B,)``."""
+        return self.net(x).reshape(len(x)).exp()
+
+    def forward(self, x=None):
+        if x is None or tuple(x.shape[1:]) != self.input_shape:
+            raise ValueError(f"the elastic_sigma generator needs a batch (B, *{self.input_shape}), got "
+                             f"{None if x is None else tuple(x.shape)}")
+        sigma = self.level(x).view(len(x), *([1] * len(self.input_shape))).expand_as(x)
+        return sigma, torch.zeros_like(x)
+
+    def as_level(self) -> nn.Module:
+        """A module ``x -> sigma(x)`` (shape ``(B,)``): the ``sigma_fn`` of ``ElasticSigmaSmooth``."""
+        return _Level(self)
+
+    def elasticity_bound(self) -> float:
+        """The proven bound ``r`` with ``|log sigma(x) - log sigma(x')| <= r ||x - x'||_2``."""
+        return self.net.lipschitz_bound(2)
+
+    def describe(self) -> dict:
+        return {"kind": self.kind, "input_shape": list(self.input_shape), "elasticity": self.elasticity,
+                "gamma": self.gamma, "hidden": self.hidden, "depth": self.depth}
+
+
+class _Level(nn.Module):
+    def __init__(self, generator: ElasticSigmaGenerator):
+        super().__init__()
+        self.generator = generator
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.generator.level(x)
+
+
 # --------------------------------------------------------------------------- registry
 
 GENERATORS: dict[str, type[NoiseGenerator]] = {
-    cls.kind: cls for cls in (PatternFixedGenerator, UniversalGenerator, InputDependentGenerator)
+    cls.kind: cls for cls in (PatternFixedGenerator, UniversalGenerator, InputDependentGenerator,
+                              ElasticSigmaGenerator)
 }
 
 

@@ -126,6 +126,8 @@ DUAL_COLUMNS = (
     Column("selector_p_lower", "float"),
     Column("selector_radius_l2", "float"),
 )
+#: for an elastic_sigma run (npg/elastic_sigma.py): the Gaussian level used at the image, scale * sigma(x)
+ELASTIC_COLUMNS = (Column("level", "float"),)
 #: for ``ucan certify --paper-mode --memory`` (npg/memory.py): what the memory did to the row (ok, conflict:
 #: abstained because the image lies in an earlier region of another class, shrunk: the region was cut to keep
 #: an earlier answer of another class outside)
@@ -155,7 +157,7 @@ PREDICT_COLUMNS = (
 LEADS = (COHEN_COLUMNS, COHEN_PREDICT_COLUMNS)
 #: kinds the reader uses for columns it meets; other columns get the narrowest kind that fits
 KNOWN_COLUMNS = {column.name: column for column in
-                 COHEN_COLUMNS + UCAN_COLUMNS + SEQUENTIAL_COLUMNS + GRID_COLUMNS + DUAL_COLUMNS + MEMORY_COLUMNS + PREDICT_COLUMNS
+                 COHEN_COLUMNS + UCAN_COLUMNS + SEQUENTIAL_COLUMNS + GRID_COLUMNS + DUAL_COLUMNS + ELASTIC_COLUMNS + MEMORY_COLUMNS + PREDICT_COLUMNS
                  + (FLOAT_SOUND_COLUMN,)}
 
 

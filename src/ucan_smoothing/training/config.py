@@ -99,6 +99,8 @@ def _npg_defaults(kind: str, dataset: str, noise: Noise | None = None) -> dict:
     if kind == "lipschitz_shift":
         norm = 2 if noise is None else noise.primary_norm
         return dict(lipschitz=0.5, gamma=1.0, hidden=256, depth=2, norm="inf" if math.isinf(norm) else int(norm))
+    if kind == "elastic_sigma":
+        return dict(elasticity=0.01, gamma=0.5, hidden=64, depth=2)
     if kind == "pattern":
         return dict(p=2, kappa=0.01, iota=1.0, centre=None, normalize=True, trainable=False)
     if kind == "universal":

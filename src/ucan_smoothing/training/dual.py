@@ -34,7 +34,7 @@ from ..data import load_dataset
 from ..fileio import atomic_write_text, file_sha256
 from ..models import build_model, save_checkpoint
 from ..npg.dual import DUAL_KIND, FirstLogits
-from ..runs import load_trained
+from ..runs import DualRun, load_trained
 from .checkpoints import versions
 
 
@@ -73,7 +73,7 @@ def train_dual(experts_paths, out, *, sigma: float = 0.5, share: float = 0.5, ep
     runs = [load_trained(path) for path in experts_paths]
     first = runs[0]
     for path, run in zip(experts_paths, runs):
-        if run.input_dependent or run.shift is not None or run.meta.get("extra", {}).get("dual"):
+        if run.input_dependent or run.elastic or run.shift is not None or isinstance(run, DualRun):
             raise ValueError(f"expert {str(path)!r} is not a fixed-noise classifier run: {run.description()}")
         if (run.meta["model_name"], run.meta["dataset"]) != (first.meta["model_name"], first.meta["dataset"]):
             raise ValueError(f"experts differ: {experts_paths[0]!r} is a {first.meta['model_name']} on "

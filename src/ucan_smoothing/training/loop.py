@@ -362,8 +362,8 @@ class _Run:
                 sigma, mu = gen(x)
                 atomic_torch_save(self.out / "sigma_examples.pt", {"x": x.cpu(), "sigma": sigma.cpu(),
                                                                      "mu": mu.cpu()})
-                save_sigma_png(self.out / "sigma.png", sigma, mu, title + " (NOT a certificate)",
-                               images=x)
+                label = "" if gen.is_certificate else " (NOT a certificate)"  # elastic_sigma is sound
+                save_sigma_png(self.out / "sigma.png", sigma, mu, title + label, images=x)
             else:
                 sigma, mu = gen()
                 atomic_torch_save(self.out / "sigma.pt", sigma.detach().cpu().contiguous())
