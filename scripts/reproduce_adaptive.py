@@ -6,6 +6,10 @@ For each (data set, level lambda) of ``--settings`` (default: MNIST 0.5 and 1.0,
                    baselines: a sound per-input method must beat the best of them at some radius)
 * paper mode       the paper's input-dependent NPG at lambda, certified in its mode: NOT a certificate
 * noisy_shift      mu from the noisy sample under fixed noise lambda (sound)
+* elastic_sigma    a per-input Gaussian level with a proven l2 elasticity bound r = 0.01 (Sukenik et
+                   al.'s setting, our chained bound; sound)
+* memory           the paper mode answered through a memory of issued regions (npg/memory.py): a
+                   guarantee about the sequence of queries, NOT a certificate
 * dual             dual randomized smoothing (npg/dual.py): a selector under its own Gaussian noise
                    of level lambda chooses one of the three isotropic experts per input (sound)
 
@@ -115,6 +119,9 @@ def main(argv=None) -> int:
         train(paper, "npg", "--kind", "input_dependent", "--joint", "--base", str(base), *noise, "--epochs", npg_epochs)
         shift = where / f"g{level:g}" / "noisy_shift"
         train(shift, "npg", "--kind", "noisy_shift", "--base", str(base), *noise, "--epochs", npg_epochs)
+        elastic = where / f"g{level:g}" / "elastic_sigma"
+        train(elastic, "npg", "--kind", "elastic_sigma", "--elasticity", "0.01", "--base", str(base), *noise,
+              "--epochs", npg_epochs)
         dual = where / f"dual-s{level:g}"
         if not (dual / "final.pt").is_file():
             ucan("train-dual", *map(str, experts.values()), "--sigma", f"{level:g}", "--out", str(dual),
@@ -126,7 +133,11 @@ def main(argv=None) -> int:
                  for scale, run in experts.items()]
         files.append((f"paper mode {level:g}", "**NOT a certificate**",
                       certify_and_attack(paper, results / f"g{level:g}_input_dependent.tsv", "--paper-mode")))
+        files.append((f"memory {level:g}", "sequence of queries (NOT a certificate)",
+                      certify_and_attack(paper, results / f"g{level:g}_memory.tsv", "--paper-mode", "--memory")))
         files.append((f"noisy_shift {level:g}", "proven", certify_and_attack(shift, results / f"g{level:g}_noisy_shift.tsv")))
+        files.append((f"elastic_sigma {level:g}", "proven",
+                      certify_and_attack(elastic, results / f"g{level:g}_elastic_sigma.tsv")))
         files.append((f"dual, selector {level:g}", "proven", certify_and_attack(dual, results / f"dual-s{level:g}.tsv")))
 
         report += [f"## {dataset}, lambda = {level:g}", "",
