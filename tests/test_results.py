@@ -111,6 +111,22 @@ def test_resume_after_a_half_written_line(tmp_path):
     assert path.read_text().endswith("\n") and len(read_sidecar(path)["runs"]) == 2
 
 
+def test_rows_written_as_images_finish_are_sorted_at_the_end(tmp_path):
+    path = tmp_path / "out.tsv"
+    with ResultWriter(path, CONFIG) as writer:
+        for idx in (7, 2, 9):
+            writer.write(fake_row(idx))
+    # an interrupted run keeps every finished row, in the order they finished
+    assert [row["idx"] for row in read_results(path)] == [7, 2, 9]
+    with ResultWriter(path, CONFIG) as writer:
+        for idx in (4, 0):
+            writer.write(fake_row(idx))
+        writer.sort_rows()
+    assert read_results(path) == [fake_row(i) for i in (0, 2, 4, 7, 9)]
+    with ResultWriter(path, CONFIG) as writer:  # the lock was released, the file resumes as before
+        assert writer.done_indices() == {0, 2, 4, 7, 9}
+
+
 def test_changed_config_is_refused_with_the_differing_keys(tmp_path):
     path = tmp_path / "out.tsv"
     write_rows(path, range(2))

@@ -223,7 +223,8 @@ def _results(smooth, data, todo, labels, shape, args, batch_size, device):
             yield idx, certificate, extra, time.perf_counter() - start
         return
     items = images()
-    common = dict(seed=args.seed, batch_size=batch_size, pool_size=args.pool_size)
+    # rows are written as images finish (a slow image holds back no finished one); sorted at the end
+    common = dict(seed=args.seed, batch_size=batch_size, pool_size=args.pool_size, ordered=False)
     if args.radius is not None:
         mode = f"sequential-{args.method}"
         pool = certify_radius_pool(smooth, items, args.radius, args.norm, args.alpha, n0=args.n0, max_n=args.n,
@@ -364,6 +365,7 @@ def _certify(args, context) -> int:
             bar.set_postfix(abstain=abstained, cert_acc=f"{certified / finished:.3f}")
             bar.update(1)
         bar.close()
+        writer.sort_rows()
 
     merge_parts(context, out, indices, non_identity)
     if context.is_main:

@@ -58,7 +58,8 @@ def _predictions(smooth, data, todo, labels, args, batch_size, device):
 
     if isinstance(smooth, Smooth):
         for idx, result, seconds in predict_pool(smooth, images(), args.n, args.alpha, seed=args.seed,
-                                                 batch_size=batch_size, pool_size=args.pool_size):
+                                                 batch_size=batch_size, pool_size=args.pool_size,
+                                                 ordered=False):  # written as finished, sorted at the end
             yield idx, result.prediction, result.top_count, result.runner_up_count, seconds
         return
     for idx, x in images():  # input-adaptive modes: their own noise per image; no vote counts exposed
@@ -122,6 +123,7 @@ def _predict(args, context) -> int:
                           "is_certificate": is_certificate})
             bar.update(1)
         bar.close()
+        writer.sort_rows()
 
     merge_parts(context, out, indices, non_identity)
     if context.is_main:

@@ -334,9 +334,11 @@ class _Slot:
 
 
 def run_pool(smooth, items, make_job, *, seed: int, batch_size: int = 1000, pool_size: int | None = None,
-             on_batch=None):
+             on_batch=None, ordered: bool = True):
     """Run ``make_job(idx, x)`` for every ``(idx, x)`` of ``items`` (``x`` one input, all of one
-    shape); yields a :class:`PoolResult` per image, in the order of ``items``.
+    shape); yields a :class:`PoolResult` per image, in the order of ``items`` (``ordered``), or
+    each as soon as it is finished (``ordered=False``: what a long run writes, so that an interruption
+    loses no finished image waiting behind a slow one). Each image's result is the same either way.
 
     Every forward batch holds exactly ``batch_size`` samples until no image is left to admit;
     then the last images' remaining stages run in the batches they fill (a stage waits for the
@@ -355,12 +357,12 @@ def run_pool(smooth, items, make_job, *, seed: int, batch_size: int = 1000, pool
         raise TypeError(f"seed must be an int, got {seed!r}")
     batch_size = check_count("batch_size", batch_size)
     pool_size = batch_size if pool_size is None else check_count("pool_size", pool_size)
-    return _Pool(smooth, items, make_job, seed, batch_size, pool_size, on_batch).results()
+    return _Pool(smooth, items, make_job, seed, batch_size, pool_size, on_batch, ordered).results()
 
 
 class _Pool:
-    def __init__(self, smooth, items, make_job, seed, batch_size, pool_size, on_batch):
-        self.smooth, self.make_job, self.seed = smooth, make_job, seed
+    def __init__(self, smooth, items, make_job, seed, batch_size, pool_size, on_batch, ordered=True):
+        self.smooth, self.make_job, self.seed, self.ordered = smooth, make_job, seed, ordered
         self.batch_size, self.pool_size, self.on_batch = batch_size, pool_size, on_batch
         self.source = iter(items)
         self.exhausted = False
@@ -374,9 +376,15 @@ class _Pool:
             segments = self._fill_batch()
             if segments:
                 self._forward(segments)
-            while self.order and self.order[0].finished:
-                slot = self.order.popleft()
-                yield PoolResult(slot.idx, slot.result, slot.seconds)
+            if self.ordered:
+                while self.order and self.order[0].finished:
+                    slot = self.order.popleft()
+                    yield PoolResult(slot.idx, slot.result, slot.seconds)
+            elif any(slot.finished for slot in self.order):
+                finished = [slot for slot in self.order if slot.finished]
+                self.order = deque(slot for slot in self.order if not slot.finished)
+                for slot in finished:
+                    yield PoolResult(slot.idx, slot.result, slot.seconds)
             if not segments:  # nothing in flight and nothing left to admit: all yielded
                 return
 
@@ -495,7 +503,7 @@ def _check_forward(smooth, noisy, logits, total) -> None:
 
 
 def certify_pool(smooth, items, n0: int, n: int, alpha: float, *, seed: int, batch_size: int = 1000,
-                 pool_size: int | None = None, on_batch=None):
+                 pool_size: int | None = None, on_batch=None, ordered: bool = True):
     """Cohen's CERTIFY (``n0`` selection, ``n`` estimation samples) for every ``(idx, x)`` of
     ``items``: :class:`PoolResult` rows holding a :class:`Certificate`, in input order."""
     alpha = check_alpha(alpha)
@@ -506,17 +514,17 @@ def certify_pool(smooth, items, n0: int, n: int, alpha: float, *, seed: int, bat
         return CertifyJob(smooth.noise, xs.shape[1:], n0, n, alpha)
 
     return run_pool(smooth, items, make_job, seed=seed, batch_size=batch_size, pool_size=pool_size,
-                    on_batch=on_batch)
+                    on_batch=on_batch, ordered=ordered)
 
 
 def predict_pool(smooth, items, n: int, alpha: float, *, seed: int, batch_size: int = 1000,
-                 pool_size: int | None = None, on_batch=None):
+                 pool_size: int | None = None, on_batch=None, ordered: bool = True):
     """Cohen's PREDICT (``n`` samples, binomial test at ``alpha``) for every ``(idx, x)`` of ``items``:
     :class:`PoolResult` rows holding a :class:`Prediction`, in input order."""
     alpha = check_alpha(alpha)
     n = check_count("n", n)
     return run_pool(smooth, items, lambda idx, xs: PredictJob(n, alpha), seed=seed, batch_size=batch_size,
-                    pool_size=pool_size, on_batch=on_batch)
+                    pool_size=pool_size, on_batch=on_batch, ordered=ordered)
 
 
 def _plans_per_shape(make_plan, input_shape):
@@ -537,7 +545,8 @@ def _plans_per_shape(make_plan, input_shape):
 
 def certify_radius_pool(smooth, items, radius: float, norm, alpha: float, *, seed: int, n0: int = 100,
                         max_n: int = 100_000, stages: int | None = None, first: int = 100, method: str = "cp",
-                        batch_size: int = 1000, pool_size: int | None = None, input_shape=None, on_batch=None):
+                        batch_size: int = 1000, pool_size: int | None = None, input_shape=None, on_batch=None,
+                        ordered: bool = True):
     """``certify_radius`` for every ``(idx, x)`` of ``items``: :class:`PoolResult` rows holding a
     :class:`RadiusDecision`, in input order. The options are checked now when the input shape is
     known (``input_shape`` or the Smooth's), else at the first image."""
@@ -552,12 +561,13 @@ def certify_radius_pool(smooth, items, radius: float, norm, alpha: float, *, see
         return RadiusJob(plan(xs.shape[1:]), n0, smooth.noise.is_certificate)
 
     return run_pool(smooth, items, make_job, seed=seed, batch_size=batch_size, pool_size=pool_size,
-                    on_batch=on_batch)
+                    on_batch=on_batch, ordered=ordered)
 
 
 def certify_grid_pool(smooth, items, radii, norm, alpha: float, *, seed: int, n0: int = 100,
                       max_n: int = 100_000, stages: int | None = None, first: int = 100,
-                      batch_size: int = 1000, pool_size: int | None = None, input_shape=None, on_batch=None):
+                      batch_size: int = 1000, pool_size: int | None = None, input_shape=None, on_batch=None,
+                      ordered: bool = True):
     """``certify_grid`` for every ``(idx, x)`` of ``items``: :class:`PoolResult` rows holding a
     :class:`~.grid.GridDecision`, in input order. The options are checked now when the input shape
     is known (``input_shape`` or the Smooth's), else at the first image."""
@@ -571,4 +581,4 @@ def certify_grid_pool(smooth, items, radii, norm, alpha: float, *, seed: int, n0
         return GridJob(plan(xs.shape[1:]), n0, smooth.noise.is_certificate)
 
     return run_pool(smooth, items, make_job, seed=seed, batch_size=batch_size, pool_size=pool_size,
-                    on_batch=on_batch)
+                    on_batch=on_batch, ordered=ordered)

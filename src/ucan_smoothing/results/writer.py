@@ -137,6 +137,18 @@ class ResultWriter:
         os.fsync(self._fd)
         self._done.add(idx)
 
+    def sort_rows(self) -> None:
+        """Rewrite the file with its rows in image-index order (atomically, under the lock), then close.
+        Rows are written as images finish, in any order; a finished run reads in index order."""
+        if self._fd is None:
+            raise ResultFileError(f"{self.path} is closed")
+        os.close(self._fd)
+        self._fd = None
+        header, *lines = self.path.read_text().splitlines(keepends=True)
+        lines.sort(key=lambda line: int(line.split("\t", 1)[0]))
+        atomic_write_text(self.path, header + "".join(lines))
+        self.close()
+
     def close(self) -> None:
         if self._fd is not None:
             os.close(self._fd)
