@@ -275,7 +275,7 @@ def test_rebuild_errors():
                               UniversalGenerator(MNIST, hidden=16).state_dict())
     with pytest.raises(ValueError, match="bad parameters"):
         make_generator("pattern", MNIST, gamma=3)
-    assert set(GENERATORS) == {"pattern", "universal", "input_dependent"}
+    assert set(GENERATORS) == {"pattern", "universal", "input_dependent", "elastic_sigma"}
 
 
 def test_to_noise_returns_fixed_anisotropic_with_the_right_law():
