@@ -25,12 +25,11 @@ printed and logged to ``<out>/commands.txt``; ``<out>/comparison.md`` gets the t
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from reproduce_mnist import Runner  # noqa: E402  (the logging command runner)
+from reproduce_mnist import Runner, attack_counts, train_once  # noqa: E402  (the logging command runner)
 
 from ucan_smoothing.results import read_results  # noqa: E402
 
@@ -68,11 +67,7 @@ def summary_row(label, guarantee, rows, attack) -> str:
 
 
 def attack_text(path: Path) -> str:
-    summary = path.with_suffix(".attack.tsv.summary.json")
-    if not summary.is_file():
-        return "not attacked"
-    info = json.loads(summary.read_text())
-    return f"{info['violations']} of {info['attacked']}"
+    return attack_counts(path.with_suffix(".attack.tsv.summary.json"))
 
 
 def main(argv=None) -> int:
@@ -87,10 +82,7 @@ def main(argv=None) -> int:
     npg_epochs = "1" if args.quick else str(args.npg_epochs)
 
     def train(run: Path, *options: str) -> None:
-        if (run / "final.pt").is_file():
-            return
-        resume = ["--resume"] if (run / "last.pt").is_file() else []
-        ucan("train", *options, *quick, *seed, "--out", str(run), *resume)
+        train_once(ucan, run, *options, *quick, *seed)
 
     def certify_and_attack(run: Path, path: Path, *extra: str) -> Path:
         if not (path.is_file() and len(read_results(path)) == images):

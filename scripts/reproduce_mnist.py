@@ -78,6 +78,24 @@ class Runner:
         print(f"  ({time.time() - start:.0f} s)", flush=True)
 
 
+def attack_counts(summary: Path) -> str:
+    """``violations of attacked`` from an attack file's summary, or ``not attacked``."""
+    if not summary.is_file():
+        return "not attacked"
+    import json
+
+    info = json.loads(summary.read_text())
+    return f"{info['violations']} of {info['attacked']}"
+
+
+def train_once(ucan: Runner, run: Path, *options: str) -> None:
+    """``ucan train OPTIONS --out RUN``, unless RUN is finished; resumed when it has a checkpoint."""
+    if (run / "final.pt").is_file():
+        return
+    resume = ["--resume"] if (run / "last.pt").is_file() else []
+    ucan("train", *options, "--out", str(run), *resume)
+
+
 def main() -> int:
     args = parse_args()
     out = Path(args.out)
@@ -90,10 +108,7 @@ def main() -> int:
     seed = ["--seed", str(args.seed), "--no-progress"]
 
     def train(run: Path, *options: str) -> None:
-        if (run / "final.pt").is_file():
-            return
-        resume = ["--resume"] if (run / "last.pt").is_file() else []
-        ucan("train", *options, *quick, *seed, "--out", str(run), *resume)
+        train_once(ucan, run, *options, *quick, *seed)
 
     results = {}
     for scale in args.levels:

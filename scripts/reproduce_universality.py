@@ -28,13 +28,12 @@ one panel per family and norm, a curve per method). Resumable; commands in ``<ou
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from reproduce_mnist import Runner  # noqa: E402
+from reproduce_mnist import Runner, attack_counts, train_once  # noqa: E402
 
 from ucan_smoothing.results import read_results  # noqa: E402
 
@@ -75,11 +74,7 @@ def certified_accuracy(rows, norm, radius) -> float:
 
 
 def attack_text(path: Path, norm: str) -> str:
-    summary = Path(f"{path.with_suffix('')}.attack-{norm}.tsv.summary.json")
-    if not summary.is_file():
-        return "not attacked"
-    info = json.loads(summary.read_text())
-    return f"{info['violations']} of {info['attacked']}"
+    return attack_counts(Path(f"{path.with_suffix('')}.attack-{norm}.tsv.summary.json"))
 
 
 def main(argv=None) -> int:
@@ -93,10 +88,7 @@ def main(argv=None) -> int:
     epochs, npg_epochs = ("1", "1") if args.quick else (str(args.epochs), str(args.npg_epochs))
 
     def train(run: Path, *options: str) -> None:
-        if (run / "final.pt").is_file():
-            return
-        resume = ["--resume"] if (run / "last.pt").is_file() else []
-        ucan("train", *options, *quick, *seed, "--out", str(run), *resume)
+        train_once(ucan, run, *options, *quick, *seed)
 
     report = ["# Universality: anisotropic noise for every family, in the norms each certifies", "",
               f"Written by `scripts/reproduce_universality.py` (commands in `commands.txt`). {images} test images, "
