@@ -112,3 +112,14 @@ def test_memory_from_the_cli_resumes_and_refuses_what_it_cannot_guarantee(tmp_pa
     # --memory guards the paper mode only
     done = ucan("certify", mnist_run, "--memory", "--out", tmp_path / "x.tsv", "--n", 200)
     assert done.returncode == 2 and "--memory goes with --paper-mode" in done.stderr
+
+
+def test_a_file_written_before_memory_existed_still_resumes(tmp_path, mnist_run):
+    import json
+    out = tmp_path / "old.tsv"
+    common = ["--out", out, "--n0", 20, "--n", 200, "--skip", 100, "--no-contract-check", "--no-progress"]
+    assert ucan("certify", mnist_run, *common, "--max", 1).returncode == 0
+    sidecar = json.loads(out.with_name("old.tsv.json").read_text())
+    assert "memory" not in sidecar["config"]
+    done = ucan("certify", mnist_run, *common, "--max", 2)
+    assert done.returncode == 0, done.stderr

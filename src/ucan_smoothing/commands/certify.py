@@ -327,13 +327,15 @@ def _certify(args, context) -> int:
         "is_certificate": is_certificate, "mode": mode,
         "radius": args.radius, "norm": norm_name(args.norm) if sequential else None,
         "out": str(args.out), "progress": args.progress, "device": str(context.device),
-        "channels_last": args.channels_last, "float_sound": args.float_sound, "memory": args.memory,
+        "channels_last": args.channels_last, "float_sound": args.float_sound,
         "noise_streams": NOISE_STREAMS if pooled else "per-image-generator",
         "batch_probe": probe, "pool_size": args.pool_size,
         "contract": None if report is None else report.to_dict(),
     }
     if args.radii is not None:
         config["radii"] = sorted(set(args.radii))
+    if args.memory:  # only when set, so files written before --memory existed still resume
+        config["memory"] = True
     if args.amp:  # only when set, so files of float32 runs keep their config
         config["amp"] = args.amp
     # with the pool's streams the batch size changes the speed, not the rows
