@@ -15,6 +15,8 @@ from ucan_smoothing.core.grid import (
     ZERO_RADIUS_THRESHOLD,
     GridPlan,
     GridTest,
+    aligned_schedule,
+    all_votes_size,
     certify_grid,
     certify_grid_batch,
     plan_grid,
@@ -119,6 +121,51 @@ def test_unsplit_alpha_over_claims_so_the_validity_test_can_fail():
     wrong = sum(certified_radius(plan, t) > gap for t in tests)
     with pytest.raises(AssertionError):
         assert_rate_at_most_alpha(wrong, trials, 0.05)
+
+
+# -- the stages ------------------------------------------------------------------------------------------
+
+TABLE = [0.25 * k for k in range(8)]  # the paper's l2 grid, as far as noise 0.25 certifies
+
+
+@pytest.mark.parametrize("scale", [0.25, 0.5, 1.0])
+def test_aligned_stages_fit_their_level_and_reach_each_threshold_at_its_fewest_samples(scale):
+    plan = plan_grid(Gaussian(scale), TABLE, 2, (1, 28, 28), 0.001)
+    geometric = geometric_schedule(100_000, 10, 100)
+    assert set(geometric) <= set(plan.schedule) and plan.schedule == tuple(sorted(set(plan.schedule)))
+    assert sum(plan.stage_alphas) <= 0.001 * (1 + 1e-12) and len(set(plan.stage_alphas)) == 1  # alpha / S, rounded
+    stage_alpha = plan.stage_alphas[0]
+    for threshold in plan.thresholds[: plan.reachable]:
+        size = all_votes_size(threshold, stage_alpha)
+        # the fewest: one sample less cannot reach the threshold even with every vote
+        assert clopper_pearson_lower(size, size, stage_alpha) >= threshold
+        assert size == 1 or clopper_pearson_lower(size - 1, size - 1, stage_alpha) < threshold
+        first_reaching = min(n for n in plan.schedule if clopper_pearson_lower(n, n, stage_alpha) >= threshold)
+        assert first_reaching == max(size, plan.schedule[0])
+
+
+def test_aligned_schedule_level_counts_every_stage():
+    thresholds = [p_needed(Gaussian(0.5), r, 2, (8,)) for r in (0.25, 0.5, 1.0, 1.5)]
+    schedule, stage_alpha = aligned_schedule(thresholds, 100_000, 0.01, 10, 100)
+    assert len(schedule) * stage_alpha <= 0.01 + 1e-15
+    assert len(schedule) > 10  # the thresholds' own stages were added
+    assert aligned_schedule(thresholds, 100_000, 0.01, 10, 100) == (schedule, stage_alpha)  # fixed in advance
+
+
+@pytest.mark.parametrize("scale, gain", [(0.25, 1.4), (1.0, 1.25)])
+def test_all_votes_for_the_class_stop_at_the_top_thresholds_own_stage(scale, gain):
+    """An image whose every vote goes to its class (most MNIST images at noise 0.25) stops where
+    the largest reachable grid radius first becomes provable, not at the next geometric stage."""
+    plans = {aligned: plan_grid(Gaussian(scale), TABLE + ([2.0, 2.25] if scale == 1.0 else []), 2, (1, 28, 28),
+                                0.001, aligned=aligned) for aligned in (True, False)}
+    used = {}
+    for aligned, plan in plans.items():
+        (test,) = simulate(plan, 1.0, 1, seed=0)
+        assert test.certified_index == plan.reachable - 1
+        used[aligned] = test.n
+    top = plans[True].thresholds[plans[True].reachable - 1]
+    assert used[True] == all_votes_size(top, plans[True].stage_alphas[0])
+    assert used[False] >= gain * used[True]
 
 
 # -- the test object ------------------------------------------------------------------------------------

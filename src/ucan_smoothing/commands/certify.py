@@ -334,6 +334,7 @@ def _certify(args, context) -> int:
     }
     if args.radii is not None:
         config["radii"] = sorted(set(args.radii))
+        config["grid_stages"] = "aligned"  # core/grid.py aligned_schedule: files of the geometric stages differ
     if args.memory:  # only when set, so files written before --memory existed still resume
         config["memory"] = True
     if args.amp:  # only when set, so files of float32 runs keep their config

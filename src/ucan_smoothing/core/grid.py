@@ -13,9 +13,12 @@ below stops as soon as more samples could no longer change the answer.
 
 The test (:class:`GridTest`). The class ``cA`` is chosen on ``n0`` selection
 samples, as in CERTIFY. Fresh estimation samples then come in stages of
-cumulative sizes ``N_1 < ... < N_S = max_n``
-(:func:`~ucan_smoothing.core.sequential.geometric_schedule`). After stage
-``s``, with ``h_s`` votes for ``cA`` among the ``N_s`` samples so far:
+cumulative sizes ``N_1 < ... < N_S = max_n``, fixed before any sample is
+drawn (:func:`aligned_schedule`: geometric sizes, plus for each threshold
+the fewest samples that can reach it, so an image whose votes all go to its
+class stops exactly where its largest certifiable radius first becomes
+provable). After stage ``s``, with ``h_s`` votes for ``cA`` among the
+``N_s`` samples so far:
 
 * ``L_s`` = one-sided Clopper-Pearson lower bound at level ``alpha_s``
   (``alpha_1 + ... + alpha_S <= alpha``; the default splits ``alpha`` evenly);
@@ -137,6 +140,47 @@ class GridTest:
 
 # -- the plan: thresholds and stages of one grid ------------------------------------------------
 
+def all_votes_size(threshold: float, stage_alpha: float) -> int:
+    """The fewest samples ``N`` whose bound with every vote for the class, ``stage_alpha^(1/N)``
+    (computed as the test computes it), reaches ``threshold``."""
+    size = max(1, math.ceil(math.log(stage_alpha) / math.log(threshold)))
+    while clopper_pearson_lower(size, size, stage_alpha) < threshold:  # float rounding of the estimate
+        size += 1
+    while size > 1 and clopper_pearson_lower(size - 1, size - 1, stage_alpha) >= threshold:
+        size -= 1
+    return size
+
+
+def aligned_schedule(thresholds, max_n: int, alpha: float, stages: int, first: int) -> tuple:
+    """``(schedule, stage_alpha)``: cumulative stage sizes and the level of each stage, with
+    ``len(schedule) * stage_alpha <= alpha``.
+
+    The sizes are the geometric ones of ``stages`` stages from ``first`` to ``max_n`` (kept: images
+    with ``p`` away from 1 stop on them), plus, for each threshold in reach, :func:`all_votes_size`
+    at the stage level (an image whose votes all go to its class stops there, not at the next
+    geometric size: up to 1.5 times fewer samples at noise 0.25). The sizes depend only on
+    the thresholds and the options, never on samples, so the union-bound proof of the module
+    docstring holds as for any fixed schedule. The level depends on the number of stages and the
+    sizes on the level: starting from the largest possible count, the count is lowered while the
+    schedule it gives is no longer than it; the last schedule that fits its level is returned.
+    """
+    geometric = geometric_schedule(max_n, stages, first)
+    count = len(geometric) + len(thresholds)
+    best = None
+    while True:
+        stage_alpha = alpha / count
+        in_reach = [t for t in thresholds if clopper_pearson_lower(max_n, max_n, stage_alpha) >= t]
+        own = {size for size in map(lambda t: all_votes_size(t, stage_alpha), in_reach)
+               if geometric[0] < size < max_n}
+        schedule = tuple(sorted(set(geometric) | own))
+        if len(schedule) > count:
+            break  # a larger level moved the sizes apart: the previous schedule stands
+        best = (schedule, stage_alpha)
+        if len(schedule) == count:
+            break
+        count = len(schedule)
+    return best
+
 
 def check_radii(radii) -> tuple:
     """``radii`` as a tuple of floats, strictly increasing, finite and >= 0."""
@@ -197,8 +241,9 @@ class GridPlan:
 
 
 def plan_grid(noise, radii, norm, input_shape, alpha, *, max_n=100_000, stages=None, first=100,
-              n_name: str = "max_n") -> GridPlan:
-    """Check a grid and fix its thresholds and stages (``alpha`` split evenly over the stages).
+              n_name: str = "max_n", aligned: bool = True) -> GridPlan:
+    """Check a grid and fix its thresholds and stages (``alpha`` split evenly over the stages):
+    :func:`aligned_schedule`, or with ``aligned=False`` the geometric stages alone.
     ``n_name`` names the sample budget in messages (``--n`` for the command).
 
     Raises ``ValueError`` for a grid radius this noise cannot certify for any ``p_lower < 1``
@@ -208,7 +253,7 @@ def plan_grid(noise, radii, norm, input_shape, alpha, *, max_n=100_000, stages=N
     alpha = check_alpha(alpha)
     norm = parse_norm(norm)
     radii = check_radii(radii)
-    schedule = geometric_schedule(max_n, DEFAULT_STAGES["cp"] if stages is None else stages, first)
+    stages = DEFAULT_STAGES["cp"] if stages is None else stages
     largest = radius_at(noise, _P_MAX, norm, input_shape)
     for r in radii:
         if r > largest:
@@ -217,7 +262,11 @@ def plan_grid(noise, radii, norm, input_shape, alpha, *, max_n=100_000, stages=N
                 f"p_lower < 1: the largest certifiable radius is {largest:.6g}; drop it from the grid"
             )
     thresholds = [ZERO_RADIUS_THRESHOLD if r == 0 else p_needed(noise, r, norm, input_shape) for r in radii]
-    stage_alpha = alpha / len(schedule)
+    if aligned:
+        schedule, stage_alpha = aligned_schedule(thresholds, max_n, alpha, stages, first)
+    else:
+        schedule = geometric_schedule(max_n, stages, first)
+        stage_alpha = alpha / len(schedule)
     plan = GridPlan(radii, norm, tuple(thresholds), schedule, (stage_alpha,) * len(schedule), alpha)
     if plan.reachable == 0:
         # all N votes for cA give stage_alpha^(1/N): it must reach the smallest threshold
