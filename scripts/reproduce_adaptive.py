@@ -29,7 +29,7 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from reproduce_mnist import Runner, attack_counts, train_once  # noqa: E402  (the logging command runner)
+from reproduce_mnist import Reproduction, attack_counts  # noqa: E402  (the logging command runner)
 
 from ucan_smoothing.results import read_results  # noqa: E402
 
@@ -72,17 +72,12 @@ def attack_text(path: Path) -> str:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    ucan = Runner(out)
-    quick = ["--max-train", "2000"] if args.quick else []
-    seed = ["--seed", str(args.seed), "--no-progress"]
+    reproduction = Reproduction(args)
+    out, ucan, seed, train = reproduction.out, reproduction.ucan, reproduction.seed, reproduction.train
     n, images = ("200", 4) if args.quick else (str(args.n), args.images)
     epochs = "1" if args.quick else str(args.epochs)
     npg_epochs = "1" if args.quick else str(args.npg_epochs)
 
-    def train(run: Path, *options: str) -> None:
-        train_once(ucan, run, *options, *quick, *seed)
 
     def certify_and_attack(run: Path, path: Path, *extra: str) -> Path:
         if not (path.is_file() and len(read_results(path)) == images):

@@ -96,19 +96,30 @@ def train_once(ucan: Runner, run: Path, *options: str) -> None:
     ucan("train", *options, "--out", str(run), *resume)
 
 
+class Reproduction:
+    """What every reproduction script starts from: its output folder (created), the logging
+    command runner, and the options every command shares (``seed``; ``quick``: a small training
+    set with ``--quick``)."""
+
+    def __init__(self, args):
+        self.out = Path(args.out)
+        self.out.mkdir(parents=True, exist_ok=True)
+        self.ucan = Runner(self.out)
+        self.quick = ["--max-train", "2000"] if args.quick else []
+        self.seed = ["--seed", str(args.seed), "--no-progress"]
+
+    def train(self, run: Path, *options: str) -> None:
+        """``ucan train`` once (resumed if interrupted), with the shared options."""
+        train_once(self.ucan, run, *options, *self.quick, *self.seed)
+
+
 def main() -> int:
     args = parse_args()
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    ucan = Runner(out)
-    quick = ["--max-train", "2000"] if args.quick else []
+    reproduction = Reproduction(args)
+    out, ucan, seed, train = reproduction.out, reproduction.ucan, reproduction.seed, reproduction.train
     epochs = ["--epochs", "1" if args.quick else str(args.epochs)]
     npg_epochs = ["--epochs", "1" if args.quick else str(args.npg_epochs)]
     n = "200" if args.quick else str(args.n)
-    seed = ["--seed", str(args.seed), "--no-progress"]
-
-    def train(run: Path, *options: str) -> None:
-        train_once(ucan, run, *options, *quick, *seed)
 
     results = {}
     for scale in args.levels:

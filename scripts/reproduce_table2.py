@@ -30,7 +30,7 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from reproduce_mnist import Runner, attack_counts, train_once  # noqa: E402
+from reproduce_mnist import Reproduction, attack_counts  # noqa: E402
 
 from ucan_smoothing.core.sequential import radius_at  # noqa: E402
 from ucan_smoothing.results import read_results  # noqa: E402
@@ -81,11 +81,8 @@ def table_row(label: str, guarantee: str, path: Path, column: str, attack: str) 
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    ucan = Runner(out)
-    quick = ["--max-train", "2000"] if args.quick else []
-    seed = ["--seed", str(args.seed), "--no-progress"]
+    reproduction = Reproduction(args)
+    out, ucan, seed, train = reproduction.out, reproduction.ucan, reproduction.seed, reproduction.train
     n = "2000" if args.quick else str(args.n)
     images, fixed_images = (4, 2) if args.quick else (args.images, args.fixed_images)
     epochs = "1" if args.quick else str(args.epochs)
@@ -93,8 +90,6 @@ def main(argv=None) -> int:
     skip = str(10_000 // args.images)
     checks = ["--no-contract-check"] if args.quick else []  # 2,000 images, one epoch: near chance
 
-    def train(run: Path, *options: str) -> None:
-        train_once(ucan, run, *options, *quick, *seed)
 
     def attack(path: Path) -> str:
         attacked = path.with_suffix(".attack.tsv")

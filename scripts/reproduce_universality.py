@@ -33,7 +33,7 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from reproduce_mnist import Runner, attack_counts, train_once  # noqa: E402
+from reproduce_mnist import Reproduction, attack_counts  # noqa: E402
 
 from ucan_smoothing.results import read_results  # noqa: E402
 
@@ -79,16 +79,11 @@ def attack_text(path: Path, norm: str) -> str:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    ucan = Runner(out)
-    quick = ["--max-train", "2000"] if args.quick else []
-    seed = ["--seed", str(args.seed), "--no-progress"]
+    reproduction = Reproduction(args)
+    out, ucan, seed, train = reproduction.out, reproduction.ucan, reproduction.seed, reproduction.train
     n, images = ("200", 4) if args.quick else (str(args.n), args.images)
     epochs, npg_epochs = ("1", "1") if args.quick else (str(args.epochs), str(args.npg_epochs))
 
-    def train(run: Path, *options: str) -> None:
-        train_once(ucan, run, *options, *quick, *seed)
 
     report = ["# Universality: anisotropic noise for every family, in the norms each certifies", "",
               f"Written by `scripts/reproduce_universality.py` (commands in `commands.txt`). {images} test images, "
