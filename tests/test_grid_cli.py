@@ -70,3 +70,23 @@ def test_unreachable_grid_radius_is_refused_before_writing(run_dir, tmp_path, ca
     error = capsys.readouterr().err.strip().splitlines()
     assert len(error) == 1 and "grid radius 99 in l2 cannot be certified" in error[0]
     assert not out.exists()
+
+
+def test_a_grid_file_of_the_geometric_stages_is_not_extended_with_the_aligned_ones(run_dir, tmp_path, capsys):
+    """A grid file written before the aligned stages (no ``grid_stages`` in its config) used other
+    stages: resuming it would mix two protocols in one file, so it is refused, the file untouched."""
+    import json
+
+    out = tmp_path / "old.tsv"
+    assert main(grid_args(run_dir, out, "--max", "2")) == 0
+    sidecar = out.with_suffix(".tsv.json")
+    record = json.loads(sidecar.read_text())
+    assert record["config"]["grid_stages"] == "aligned"
+    del record["config"]["grid_stages"]
+    sidecar.write_text(json.dumps(record))
+    before = out.read_text()
+    capsys.readouterr()
+    assert main(grid_args(run_dir, out)) == 2
+    error = capsys.readouterr().err.strip().splitlines()
+    assert len(error) == 1 and "grid_stages" in error[0]
+    assert out.read_text() == before
