@@ -16,7 +16,8 @@ For each (data set, level lambda) of ``--settings`` (default: MNIST 0.5 and 1.0,
 Protocol: n0 = 100, n = 10,000, alpha = 0.001, the same ``--images`` evenly spaced test images for
 every method of a data set; ``ucan attack`` (PGD in the l2 ball, PREDICT with n = 2,000 at the
 attacked point) on the first ``--attack-rows`` rows of every file. Resumable; every command is
-printed and logged to ``<out>/commands.txt``; ``<out>/comparison.md`` gets the tables.
+printed and logged to ``<out>/commands.txt``; ``<out>/comparison.md`` gets the tables, and a paired
+sign test of each sound per-input method against each isotropic level at l2 0.5, 1.0 and 1.5.
 
     python scripts/reproduce_adaptive.py --out runs/adaptive            # about 1 h on 2 cores
     python scripts/reproduce_adaptive.py --out /tmp/a --quick           # minutes: checks the pipeline
