@@ -62,7 +62,8 @@ import torch
 
 from ucan_smoothing import Gaussian
 from ucan_smoothing.cli import main as ucan
-from ucan_smoothing.core.sequential import p_needed, radius_at
+from ucan_smoothing.core.grid import largest_certifiable_radius
+from ucan_smoothing.core.sequential import p_needed
 from ucan_smoothing.fileio import atomic_write_text
 from ucan_smoothing.results import read_results, read_sidecar, sidecar_path
 
@@ -180,7 +181,7 @@ def cost_ratio(chunk_fixed: dict, chunk_grid: dict) -> float:
 def grid_radii(scale: float, radii) -> tuple:
     """``(radii the grid mode takes, radii it refuses)`` at this level: it refuses those beyond the
     noise's certificate at the largest float below 1."""
-    largest = radius_at(Gaussian(scale), math.nextafter(1.0, 0.0), 2, MNIST_SHAPE)
+    largest = largest_certifiable_radius(Gaussian(scale), 2, MNIST_SHAPE)
     return [r for r in radii if r <= largest], [r for r in radii if r > largest]
 
 

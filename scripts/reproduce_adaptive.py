@@ -91,7 +91,6 @@ def main(argv=None) -> int:
     epochs = "1" if args.quick else str(args.epochs)
     npg_epochs = "1" if args.quick else str(args.npg_epochs)
 
-
     def certify_and_attack(run: Path, path: Path, *extra: str) -> Path:
         if not (path.is_file() and len(read_results(path)) == images):
             ucan("certify", str(run), "--out", str(path), "--n0", "100", "--n", n, "--alpha", "0.001",

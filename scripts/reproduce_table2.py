@@ -25,14 +25,13 @@ every file. Resumable; commands in ``<out>/commands.txt``; the tables in ``<out>
 from __future__ import annotations
 
 import argparse
-import math
 import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from reproduce_mnist import Reproduction, attack_counts  # noqa: E402
 
-from ucan_smoothing.core.sequential import radius_at  # noqa: E402
+from ucan_smoothing.core.grid import largest_certifiable_radius  # noqa: E402
 from ucan_smoothing.results import read_results  # noqa: E402
 from ucan_smoothing.runs import load_trained  # noqa: E402
 
@@ -62,7 +61,7 @@ def parse_args(argv=None):
 
 def certifiable(run: Path, radii) -> list:
     """The radii the run's fixed noise can certify for some ``p_lower < 1`` (the grid refuses others)."""
-    largest = radius_at(load_trained(run).noise(), math.nextafter(1.0, 0.0), 2, MNIST_SHAPE)
+    largest = largest_certifiable_radius(load_trained(run).noise(), 2, MNIST_SHAPE)
     return [r for r in radii if r <= largest]
 
 
@@ -89,7 +88,6 @@ def main(argv=None) -> int:
     npg_epochs = "1" if args.quick else str(args.npg_epochs)
     skip = str(10_000 // args.images)
     checks = ["--no-contract-check"] if args.quick else []  # 2,000 images, one epoch: near chance
-
 
     def attack(path: Path) -> str:
         attacked = path.with_suffix(".attack.tsv")

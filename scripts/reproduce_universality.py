@@ -84,7 +84,6 @@ def main(argv=None) -> int:
     n, images = ("200", 4) if args.quick else (str(args.n), args.images)
     epochs, npg_epochs = ("1", "1") if args.quick else (str(args.epochs), str(args.npg_epochs))
 
-
     report = ["# Universality: anisotropic noise for every family, in the norms each certifies", "",
               f"Written by `scripts/reproduce_universality.py` (commands in `commands.txt`). {images} test images, "
               f"n = {n}, alpha = 0.001. Certified accuracy (%) at each radius; ACR = mean certified radius of the "

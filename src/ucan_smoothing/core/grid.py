@@ -169,9 +169,9 @@ def aligned_schedule(thresholds, max_n: int, alpha: float, stages: int, first: i
     best = None
     while True:
         stage_alpha = alpha / count
-        in_reach = [t for t in thresholds if clopper_pearson_lower(max_n, max_n, stage_alpha) >= t]
-        own = {size for size in map(lambda t: all_votes_size(t, stage_alpha), in_reach)
-               if geometric[0] < size < max_n}
+        best_bound = clopper_pearson_lower(max_n, max_n, stage_alpha)  # all max_n votes for the class
+        sizes = (all_votes_size(t, stage_alpha) for t in thresholds if t <= best_bound)
+        own = {size for size in sizes if geometric[0] < size < max_n}
         schedule = tuple(sorted(set(geometric) | own))
         if len(schedule) > count:
             break  # a larger level moved the sizes apart: the previous schedule stands
@@ -180,6 +180,12 @@ def aligned_schedule(thresholds, max_n: int, alpha: float, stages: int, first: i
             break
         count = len(schedule)
     return best
+
+
+def largest_certifiable_radius(noise, norm, input_shape) -> float:
+    """The largest radius in ``norm`` this noise certifies for any ``p_lower < 1``: a grid radius
+    above it is refused by :func:`plan_grid`."""
+    return radius_at(noise, _P_MAX, parse_norm(norm), input_shape)
 
 
 def check_radii(radii) -> tuple:
@@ -254,7 +260,7 @@ def plan_grid(noise, radii, norm, input_shape, alpha, *, max_n=100_000, stages=N
     norm = parse_norm(norm)
     radii = check_radii(radii)
     stages = DEFAULT_STAGES["cp"] if stages is None else stages
-    largest = radius_at(noise, _P_MAX, norm, input_shape)
+    largest = largest_certifiable_radius(noise, norm, input_shape)
     for r in radii:
         if r > largest:
             raise ValueError(
