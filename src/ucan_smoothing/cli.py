@@ -19,6 +19,8 @@ import importlib
 import importlib.util
 import sys
 
+from .allocator import tune_malloc
+
 #: command name -> (module, one-line help)
 COMMANDS = {
     "demo": ("ucan_smoothing.commands.demo", "isotropic vs UCAN noise on MNIST in minutes: train, certify, compare"),
@@ -128,6 +130,8 @@ def _runtime_error_message(error: RuntimeError, args) -> str | None:
 
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
+    if args.command in COMPUTE_COMMANDS:
+        tune_malloc()  # batch speed independent of what ran before (allocator.py)
     try:
         with _torch_threads(getattr(args, "threads", None)):
             return args._run(args) or 0

@@ -46,6 +46,7 @@ from ..core.batch_size import default_candidates, fastest_batch_size
 from ..core.noises import Gaussian
 from ..core.smooth import Smooth
 from ..fileio import atomic_write_text
+from ..allocator import malloc_state
 from ..models import Autocast, build_model, model_spec, to_channels_last
 from ..npg.generators import UniversalGenerator
 
@@ -252,7 +253,7 @@ def _conditions(args, sizes) -> dict:
     return {"model": args.model, "device": args.device, "device_name": device_name,
             "threads": torch.get_num_threads(), "cpu_count": os.cpu_count(), "batch_sizes": list(sizes),
             "rounds": args.rounds, "n0": args.n0, "n": args.n, "scale": args.scale, "amp": args.amp,
-            "load_average_start": list(os.getloadavg()), "torch": torch.__version__}
+            "load_average_start": list(os.getloadavg()), "torch": torch.__version__, "malloc": malloc_state()}
 
 
 class Report:
@@ -406,7 +407,7 @@ def run(args) -> int:
     print(f"model {args.model}, device {args.device} ({conditions['device_name']}), "
           f"{conditions['threads']} threads of {conditions['cpu_count']} CPUs, n0 {args.n0} + n {args.n}, "
           f"median of {args.rounds} alternating rounds, load average {conditions['load_average_start'][0]:.2f} "
-          f"at the start and {conditions['load_average_end'][0]:.2f} at the end, torch {torch.__version__}")
+          f"at the start and {conditions['load_average_end'][0]:.2f} at the end, torch {torch.__version__}, malloc: {conditions['malloc']}")
     print(f"batch-size probe: batch {probe_batch} in {probe_seconds:.1f} s ({len(probe_measurements)} measurements)")
     _print_table(report)
     print("summary (the raw limit is the best raw forward pass over the batch sizes):")

@@ -15,6 +15,7 @@ import time
 from importlib import metadata
 from pathlib import Path
 
+from ..allocator import malloc_state
 from ..fileio import atomic_write_text
 from .schema import ResultFileError
 
@@ -53,6 +54,7 @@ def run_environment() -> dict:
         "ucan_smoothing": _version("ucan-smoothing"),
         "platform": platform.platform(),
         "host": platform.node(),
+        "malloc": malloc_state(),
     }
 
 
