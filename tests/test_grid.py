@@ -22,7 +22,7 @@ from ucan_smoothing.core.grid import (
     plan_grid,
 )
 from ucan_smoothing.core.sequential import geometric_schedule, p_needed, radius_at
-from ucan_smoothing.core.statistics import clopper_pearson_lower
+from ucan_smoothing.core.statistics import clopper_pearson_lower, clopper_pearson_upper
 
 from oracles import LinearBinary, OneAxisThreshold, one_axis_p_top
 
@@ -36,13 +36,13 @@ def assert_rate_at_most_alpha(wrong, trials, alpha):
     )
 
 
-def simulate(plan, p_true, trials, seed, stage_alphas=None):
+def simulate(plan, p_true, trials, seed, stage_alphas=None, test_class=GridTest):
     """GridTests fed exact binomial votes for class 1 (the true class), stage by stage."""
     rng = np.random.default_rng(seed)
     stage_alphas = plan.stage_alphas if stage_alphas is None else stage_alphas
     tests = []
     for _ in range(trials):
-        test = GridTest(1, plan.thresholds, plan.schedule, stage_alphas)
+        test = test_class(1, plan.thresholds, plan.schedule, stage_alphas)
         drawn = 0
         for size in plan.schedule:
             if test.done:
@@ -262,6 +262,43 @@ def test_how_often_grid_and_fixed_n_differ_next_to_a_threshold():
     print(f"\ndisagreement with fixed-n at threshold {threshold} by p - threshold: {rates}")
     assert rates[-0.02] == 0 and rates[0.02] == 0
     assert max(rates.values()) < 0.6
+
+
+class UpperBoundOnly(GridTest):
+    """The futility rule before (b): stop when the upper bound at the stage level is below the next
+    threshold (kept here to measure what rule (b) changes)."""
+
+    def futile(self, threshold):
+        return clopper_pearson_upper(self.hits, self.n, self.stage_alphas[self.stages_run - 1]) < threshold
+
+
+def test_futility_stops_images_the_budget_cannot_certify_and_keeps_the_others():
+    """Next to a threshold the upper bound alone ran images to the full budget: just below it (its
+    upper bound at the tiny stage level falls below only near max_n) and just above it, closer than
+    the final stage's margin (about 0.0047 here: not even all max_n samples certify it). Rule (b)
+    stops both early; where the budget can reach the threshold it certifies about as often.
+    Paired: both rules see the same draws, so (b), stopping no later, never certifies more."""
+    alpha, max_n, threshold = 0.001, 100_000, 0.8
+    schedule = geometric_schedule(max_n, 10, 100)
+    plan = GridPlan((0.0, 1.0), 2, (ZERO_RADIUS_THRESHOLD, threshold), schedule, (alpha / 10,) * 10, alpha)
+    trials = 200
+    calls, certified = {}, {}
+    for gap in (-0.003, 0.001, 0.006, 0.012):
+        for rule in (GridTest, UpperBoundOnly):
+            # one generator per trial: the two rules see the same draws until (b) stops
+            tests = [simulate(plan, threshold + gap, 1, seed=[21, trial], test_class=rule)[0] for trial in range(trials)]
+            calls[gap, rule] = sum(t.n for t in tests) / trials
+            certified[gap, rule] = sum(t.certified_index == 1 for t in tests) / trials
+    named = {f"{gap:+g} {rule.__name__}": (round(calls[gap, rule]), certified[gap, rule]) for gap, rule in calls}
+    print(f"\n(mean samples, share certified at the threshold) by p - threshold and rule: {named}")
+    assert calls[-0.003, UpperBoundOnly] > 0.9 * max_n and calls[0.001, UpperBoundOnly] > 0.99 * max_n
+    assert calls[-0.003, GridTest] < 0.5 * calls[-0.003, UpperBoundOnly]
+    assert calls[0.001, GridTest] < 0.9 * calls[0.001, UpperBoundOnly]
+    for gap in (-0.003, 0.001, 0.006, 0.012):
+        assert certified[gap, GridTest] <= certified[gap, UpperBoundOnly]
+    for gap in (0.006, 0.012):  # within reach of the budget: hardly any certification lost
+        assert certified[gap, GridTest] >= certified[gap, UpperBoundOnly] - 0.05
+    assert certified[0.012, GridTest] >= 0.95
 
 
 def test_same_seed_same_decision_and_invariants():

@@ -72,21 +72,23 @@ def test_unreachable_grid_radius_is_refused_before_writing(run_dir, tmp_path, ca
     assert not out.exists()
 
 
-def test_a_grid_file_of_the_geometric_stages_is_not_extended_with_the_aligned_ones(run_dir, tmp_path, capsys):
-    """A grid file written before the aligned stages (no ``grid_stages`` in its config) used other
-    stages: resuming it would mix two protocols in one file, so it is refused, the file untouched."""
+@pytest.mark.parametrize("key, value", [("grid_stages", "aligned"), ("grid_futility", "reach-0.01")])
+def test_a_grid_file_of_an_earlier_protocol_is_not_extended(run_dir, tmp_path, capsys, key, value):
+    """A grid file written before the aligned stages or the futility rule (b) (no ``grid_stages``,
+    no ``grid_futility`` in its config) used other stages or stopped elsewhere: resuming it would mix
+    two protocols in one file, so it is refused, the file untouched."""
     import json
 
     out = tmp_path / "old.tsv"
     assert main(grid_args(run_dir, out, "--max", "2")) == 0
     sidecar = out.with_suffix(".tsv.json")
     record = json.loads(sidecar.read_text())
-    assert record["config"]["grid_stages"] == "aligned"
-    del record["config"]["grid_stages"]
+    assert record["config"][key] == value
+    del record["config"][key]
     sidecar.write_text(json.dumps(record))
     before = out.read_text()
     capsys.readouterr()
     assert main(grid_args(run_dir, out)) == 2
     error = capsys.readouterr().err.strip().splitlines()
-    assert len(error) == 1 and "grid_stages" in error[0]
+    assert len(error) == 1 and key in error[0]
     assert out.read_text() == before

@@ -43,7 +43,7 @@ import torch
 from tqdm.auto import tqdm
 
 from ..core.certificate import ABSTAIN, Certificate
-from ..core.grid import check_radii, plan_grid
+from ..core.grid import FUTILITY_LEVEL, check_radii, plan_grid
 from ..core.norms import norm_name, parse_norm
 from ..core.pool import QUANTUM, certify_grid_pool, certify_pool, certify_radius_pool, plan_radius
 from ..core.float_sound import float_sound_smooth, quantize
@@ -335,6 +335,7 @@ def _certify(args, context) -> int:
     if args.radii is not None:
         config["radii"] = sorted(set(args.radii))
         config["grid_stages"] = "aligned"  # core/grid.py aligned_schedule: files of the geometric stages differ
+        config["grid_futility"] = f"reach-{FUTILITY_LEVEL:g}"  # rule (b) of core/grid.py: earlier files differ
     if args.memory:  # only when set, so files written before --memory existed still resume
         config["memory"] = True
     if args.amp:  # only when set, so files of float32 runs keep their config
