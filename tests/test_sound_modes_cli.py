@@ -18,7 +18,9 @@ from ucan_smoothing.npg import (
     lipschitz_bounds,
 )
 from ucan_smoothing.attack import ATTACK_SCHEMA
-from ucan_smoothing.core.pool import certify_pool
+from ucan_smoothing.core.grid import certify_grid
+from ucan_smoothing.core.sequential import p_needed
+from ucan_smoothing.core.pool import certify_grid_pool, certify_pool
 from ucan_smoothing.cli import main
 from ucan_smoothing.data import load_dataset
 from ucan_smoothing.results import read_results, read_sidecar
@@ -124,6 +126,69 @@ def test_lipschitz_rows_shrink_the_radius_by_one_plus_l(runs, certified):
     assert any(row["predict"] != -1 for row in rows)
 
 
+def shifted_items(trained, rows):
+    """``(idx, x + mu(x))`` of the rows' images: what the pool of a lipschitz_shift run certifies."""
+    data, smooth = load_dataset("mnist", "test"), trained.smoothed()
+    return [(row["idx"], smooth.shift(data[row["idx"]][0][None])[0]) for row in rows]
+
+
+def test_lipschitz_rows_are_the_fixed_noise_rows_at_the_shifted_image(runs, certified):
+    """The pool runs the fixed-noise classifier on x + mu(x); the rows are its certificates with
+    every radius times 1 / (1 + L)."""
+    trained = load_trained(runs[2])
+    rows = read_results(certified["lipschitz"])
+    assert read_sidecar(certified["lipschitz"])["config"]["noise_streams"].startswith("pool-quanta")
+    inner, factor = trained.smoothed().smooth, 1 / (1 + trained.lipschitz())
+    pooled = certify_pool(inner, shifted_items(trained, rows), 32, 300, 0.001, seed=0)
+    for row, (idx, cert, _) in zip(rows, pooled):
+        assert idx == row["idx"] and (cert.prediction, cert.p_lower) == (row["predict"], row["p_lower"])
+        assert row["radius_l2"] == pytest.approx(cert.radius(2) * factor, rel=1e-12)
+
+
+def test_lipschitz_grid_and_radius_modes_decide_the_radii_times_one_plus_l(runs, tmp_path):
+    trained = load_trained(runs[2])
+    smooth = trained.smoothed()
+    one_plus_l = 1 + trained.lipschitz()
+    radii = [0.0, 0.1, 0.2]
+    grid, single = tmp_path / "grid.tsv", tmp_path / "radius.tsv"
+    options = ["--n0", "32", "--n", "2000", "--max", "3", "--batch-size", "256", "--no-progress"]
+    assert main(["certify", str(runs[2]), "--out", str(grid), "--radii", *map(str, radii), "--norm", "l2",
+                 *options]) == 0
+    rows = read_results(grid)
+    config = read_sidecar(grid)["config"]
+    assert config["mode"] == "grid-cp" and config["radii"] == radii and config["is_certificate"] is True
+    # the same decisions as the fixed-noise grid at r (1 + L) on the shifted images, reported at r
+    scaled = smooth.shifted_radii(radii, 2)
+    assert scaled == pytest.approx([r * one_plus_l for r in radii], rel=1e-9)
+    decisions = certify_grid_pool(smooth.smooth, shifted_items(trained, rows), scaled, 2, 0.001, seed=0, n0=32,
+                                  max_n=2000)
+    for row, (idx, decision, _) in zip(rows, decisions):
+        assert idx == row["idx"] and decision.p_lower == row["p_lower"]
+        expected = max((r for r, ok in zip(radii, decision.certified) if ok), default=0.0)
+        assert row["grid_radius"] == expected and row["samples_used"] == decision.samples_used
+        if row["predict"] != -1:  # the region at p_lower, shrunk by 1 / (1 + L), holds the grid radius
+            assert row["radius_l2"] >= row["grid_radius"]
+            assert row["radius_l2"] == pytest.approx(Gaussian(0.25).radius(row["p_lower"], 2, 784) / one_plus_l,
+                                                     rel=1e-9)
+    assert any(row["grid_radius"] > 0 for row in rows)
+    # one radius: the staged test at 0.1 (1 + L); a certified row's region holds 0.1
+    assert main(["certify", str(runs[2]), "--out", str(single), "--radius", "0.1", *options]) == 0
+    decided = read_results(single)
+    assert [row["decided_radius"] for row in decided] == [0.1] * 3
+    assert all(row["radius_l2"] >= 0.1 for row in decided if row["certified"])
+    assert any(row["certified"] for row in decided)
+    # the Python API gives the same grid decision for one image
+    x = load_dataset("mnist", "test")[rows[0]["idx"]][0]
+    mine = smooth.certify_grid(x, radii, 2, 0.001, n0=32, max_n=2000, generator=torch.Generator().manual_seed(1))
+    theirs = certify_grid(smooth.smooth, smooth.shift(x[None])[0], scaled, 2, 0.001, n0=32, max_n=2000,
+                          generator=torch.Generator().manual_seed(1))
+    assert mine.radii == tuple(radii) and mine.certified == theirs.certified
+    assert mine.certified_radius == max((r for r, ok in zip(radii, theirs.certified) if ok), default=0.0)
+    one = smooth.certify_radius(x, 0.1, 2, 0.001, n0=32, max_n=2000, generator=torch.Generator().manual_seed(1))
+    assert one.radius == 0.1
+    assert one.p_needed == pytest.approx(p_needed(Gaussian(0.25), 0.1 * one_plus_l, 2, (1, 28, 28)), rel=1e-9)
+
+
 def test_attack_reads_both_result_files(certified, tmp_path, capsys):
     for name, results in certified.items():
         out = tmp_path / f"{name}.attack.tsv"
@@ -174,8 +239,11 @@ def test_certify_refuses_modes_that_do_not_apply(runs, tmp_path, capsys):
     base, noisy, lipschitz = runs
     assert main(["certify", str(noisy), "--out", str(tmp_path / "a.tsv"), "--paper-mode", *CERTIFY]) == 2
     assert "only for runs with an input-dependent generator" in capsys.readouterr().err
-    assert main(["certify", str(lipschitz), "--out", str(tmp_path / "b.tsv"), "--radius", "0.1", *CERTIFY]) == 2
-    assert "sequential mode" in capsys.readouterr().err
+    # a Lipschitz bound holds in the norm it was proven for (l2) only
+    assert main(["certify", str(lipschitz), "--out", str(tmp_path / "b.tsv"), "--radii", "0", "0.1", "--norm", "l1",
+                 *CERTIFY]) == 2
+    assert "no proven Lipschitz bound of mu in l1" in capsys.readouterr().err
+    assert not (tmp_path / "b.tsv").exists()
     # a shift kind's fixed noise must come from a run with a fixed generator
     assert main(["train", "npg", "--kind", "noisy_shift", "--base", str(base), "--npg-checkpoint", str(base),
                  *SMALL, "--out", str(tmp_path / "bad")]) == 2

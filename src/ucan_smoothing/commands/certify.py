@@ -27,9 +27,10 @@ each writes its own part, and rank 0 merges them.
 
 What is certified is the model's own smoothed classifier: fixed noise, the
 sound input-adaptive modes (``noisy_shift``: ``f(z + mu(z))`` under fixed
-noise; ``lipschitz_shift``: radius ``R / (1 + L)``, certified one image at a
-time), or, only with ``--paper-mode``, the paper's input-dependent NPG,
-labelled NOT a certificate.
+noise; ``lipschitz_shift``: radius ``R / (1 + L)``, the fixed-noise classifier
+at ``x + mu(x)``, so it runs in the pool and in the sequential modes at radii
+times ``1 + L``), or, only with ``--paper-mode``, the paper's input-dependent
+NPG, labelled NOT a certificate.
 """
 
 from __future__ import annotations
@@ -42,7 +43,7 @@ import torch
 
 from tqdm.auto import tqdm
 
-from ..core.certificate import ABSTAIN, Certificate
+from ..core.certificate import ABSTAIN, Certificate, scale_radii
 from ..core.grid import FUTILITY_LEVEL, check_radii, plan_grid
 from ..core.norms import norm_name, parse_norm
 from ..core.pool import QUANTUM, certify_grid_pool, certify_pool, certify_radius_pool, plan_radius
@@ -54,6 +55,7 @@ from ..core.streams import image_generator
 from ..data import load_dataset
 from ..fileio import atomic_open
 from ..models import load_torch_file
+from ..npg.lipschitz_shift import LipschitzShiftSmooth
 from ..npg.memory import MemorySmooth
 from ..runs import DualRun, prepare_model
 from ..results import (
@@ -147,9 +149,6 @@ def _check_mode(model, args) -> bool:
     if getattr(args, "memory", False) and not paper_mode:
         raise ValueError("--memory goes with --paper-mode (the memory guards the paper's input-dependent answers; "
                          "the other modes are proven certificates and need none)")
-    if getattr(model.shift, "clean_input", False) and sequential:
-        raise ValueError("the sequential mode (--radius, --radii) is not available for a lipschitz_shift run: "
-                         "certify it without them (its radius is R / (1 + L))")
     if isinstance(model, DualRun) and sequential:
         raise ValueError("the sequential mode (--radius, --radii) is not available for a dual run: certify it "
                          "without them (two CERTIFY runs per image, the selector's and the expert's)")
@@ -173,12 +172,31 @@ def _check_first_image(model, smooth, data, indices, args) -> tuple:
     """The checks that need the data: one image at least, of the model's shape, and a radius (or grid)
     that this noise reaches within --n samples. Returns the input shape."""
     shape = first_image_shape(model, data, indices, args.split)
-    if args.radius is not None:
-        plan_radius(smooth.noise, args.radius, args.norm, shape, args.alpha, max_n=args.n, method=args.method,
+    radius, radii = _pool_radii(smooth, args)
+    if radius is not None:
+        plan_radius(smooth.noise, radius, args.norm, shape, args.alpha, max_n=args.n, method=args.method,
                     n_name="--n")
-    if args.radii is not None:
-        plan_grid(smooth.noise, args.radii, args.norm, shape, args.alpha, max_n=args.n, n_name="--n")
+    if radii is not None:
+        plan_grid(smooth.noise, radii, args.norm, shape, args.alpha, max_n=args.n, n_name="--n")
     return shape
+
+
+def _pooled(smooth) -> Smooth | None:
+    """The fixed-noise Smooth the pool runs for ``smooth``: itself, the one of a lipschitz_shift
+    classifier (at ``x + mu(x)``), or None for modes with their own noise per image."""
+    if isinstance(smooth, LipschitzShiftSmooth):
+        return smooth.smooth
+    return smooth if isinstance(smooth, Smooth) else None
+
+
+def _pool_radii(smooth, args) -> tuple:
+    """``(--radius, --radii)`` as the pooled Smooth decides them: a lipschitz_shift classifier's
+    radius r is the radius r (1 + L) of the fixed-noise one (npg/lipschitz_shift.py)."""
+    if not isinstance(smooth, LipschitzShiftSmooth):
+        return args.radius, args.radii
+    radius = None if args.radius is None else smooth.shifted_radii([args.radius], args.norm)[0]
+    radii = None if args.radii is None else smooth.shifted_radii(args.radii, args.norm)
+    return radius, radii
 
 
 # -- rows ------------------------------------------------------------------------------------------
@@ -209,7 +227,8 @@ def _results(smooth, data, todo, labels, shape, args, batch_size, device):
             x, labels[idx] = data[idx]
             yield idx, quantize(x) if args.float_sound else x  # uint8 images are on the grid already
 
-    if not isinstance(smooth, Smooth):  # paper mode, lipschitz_shift, ...: their own noise per image
+    pooled = _pooled(smooth)
+    if pooled is None:  # paper mode, dual, elastic_sigma, ...: their own noise per image
         for idx, x in images():
             start = time.perf_counter()
             answered = len(getattr(smooth, "answers", ()))
@@ -222,29 +241,39 @@ def _results(smooth, data, todo, labels, shape, args, batch_size, device):
             extra = {column.name: certificate.extra[column.name] for column in getattr(smooth, "row_columns", ())}
             yield idx, certificate, extra, time.perf_counter() - start
         return
-    items = images()
+    shifted = smooth if isinstance(smooth, LipschitzShiftSmooth) else None
+    # a lipschitz_shift image enters the pool as x + mu(x) (mu reads the clean input only)
+    items = images() if shifted is None else ((idx, shifted.shift(x[None])[0]) for idx, x in images())
+    radius, radii = _pool_radii(smooth, args)
     # rows are written as images finish (a slow image holds back no finished one); sorted at the end
     common = dict(seed=args.seed, batch_size=batch_size, pool_size=args.pool_size, ordered=False)
-    if args.radius is not None:
+    if radius is not None:
         mode = f"sequential-{args.method}"
-        pool = certify_radius_pool(smooth, items, args.radius, args.norm, args.alpha, n0=args.n0, max_n=args.n,
+        pool = certify_radius_pool(pooled, items, radius, args.norm, args.alpha, n0=args.n0, max_n=args.n,
                                    method=args.method, input_shape=shape, **common)
-    elif args.radii is not None:
+    elif radii is not None:
         mode = "grid-cp"
-        pool = certify_grid_pool(smooth, items, args.radii, args.norm, args.alpha, n0=args.n0, max_n=args.n,
+        pool = certify_grid_pool(pooled, items, radii, args.norm, args.alpha, n0=args.n0, max_n=args.n,
                                  input_shape=shape, **common)
     else:
-        pool = certify_pool(smooth, items, args.n0, args.n, args.alpha, **common)
+        pool = certify_pool(pooled, items, args.n0, args.n, args.alpha, **common)
     for idx, result, seconds in pool:
-        if args.radius is not None:
+        if radius is not None:
+            if shifted is not None:
+                result = shifted.unshift_radius(result, args.radius)
             extra = dict(mode=mode, decided_radius=args.radius, certified=result.certified,
                          samples_used=result.samples_used)
-        elif args.radii is not None:
+        elif radii is not None:
+            if shifted is not None:
+                result = shifted.unshift_grid(result, args.radii)
             extra = dict(mode=mode, grid_radius=result.certified_radius, samples_used=result.samples_used)
+        if radius is None and radii is None:
+            certificate, extra = result, {}
         else:
-            yield idx, result, {}, seconds
-            continue
-        yield idx, _certificate_from(result, smooth.noise, shape, args.alpha), extra, seconds
+            certificate = _certificate_from(result, pooled.noise, shape, args.alpha)
+        if shifted is not None:  # the fixed-noise regions at x + mu(x), shrunk by 1 / (1 + L) around x
+            certificate = scale_radii(certificate, shifted.factors)
+        yield idx, certificate, extra, seconds
 
 
 def memory_path(out) -> Path:
@@ -290,7 +319,7 @@ def _certify(args, context) -> int:
     else:
         smooth = model.smoothed(context.device, paper_mode=paper_mode, channels_last=args.channels_last,
                                 amp=args.amp)
-    if (args.radius is not None or args.radii is not None) and not isinstance(smooth, Smooth):
+    if (args.radius is not None or args.radii is not None) and _pooled(smooth) is None:
         raise ValueError(f"the sequential modes (--radius, --radii) need a fixed-noise run; {model.description()} "
                          "certifies each image with its own noise: certify it without them")
     args.memory = getattr(args, "memory", False)
@@ -307,7 +336,9 @@ def _certify(args, context) -> int:
     indices = list(range(0, len(data), args.skip))[: args.max]
     shape = _check_first_image(model, smooth, data, indices, args)
     report = check_contract(model, smooth, data, args) if context.is_main else None
-    batch_size, probe = choose_batch_size(smooth, data[indices[0]][0], args, context.device)
+    pooled = _pooled(smooth)  # lipschitz_shift: the fixed-noise classifier its pool runs
+    batch_size, probe = choose_batch_size(smooth if pooled is None else pooled, data[indices[0]][0], args,
+                                          context.device)
 
     if args.radius is not None:
         mode, schema = f"sequential-{args.method}", RESULT_SCHEMA.with_columns(*SEQUENTIAL_COLUMNS)
@@ -317,7 +348,6 @@ def _certify(args, context) -> int:
         mode, schema = ("paper+memory" if args.memory else "paper" if paper_mode else "certify"), RESULT_SCHEMA
     schema = schema.with_columns(*getattr(smooth, "row_columns", ()))  # a mode's own columns (dual: the expert)
     schema = schema.with_columns(FLOAT_SOUND_COLUMN)  # every row says whether it holds in floating point
-    pooled = isinstance(smooth, Smooth)
     config = {
         **model_identity(args, model),
         "dataset": dataset_name, "split": args.split, "data_root": args.data_root,
@@ -328,7 +358,7 @@ def _certify(args, context) -> int:
         "radius": args.radius, "norm": norm_name(args.norm) if sequential else None,
         "out": str(args.out), "progress": args.progress, "device": str(context.device),
         "channels_last": args.channels_last, "float_sound": args.float_sound,
-        "noise_streams": NOISE_STREAMS if pooled else "per-image-generator",
+        "noise_streams": NOISE_STREAMS if pooled is not None else "per-image-generator",
         "batch_probe": probe, "pool_size": args.pool_size,
         "contract": None if report is None else report.to_dict(),
     }
@@ -341,7 +371,7 @@ def _certify(args, context) -> int:
     if args.amp:  # only when set, so files of float32 runs keep their config
         config["amp"] = args.amp
     # with the pool's streams the batch size changes the speed, not the rows
-    non_identity = PER_IMAGE_NON_IDENTITY_KEYS + (SPEED_KEYS if pooled else SPEED_KEYS[1:])
+    non_identity = PER_IMAGE_NON_IDENTITY_KEYS + (SPEED_KEYS if pooled is not None else SPEED_KEYS[1:])
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     target = shard_path(out, context.rank, context.world_size) if context.distributed else out

@@ -7,6 +7,18 @@ of the fixed-noise smoothed classifier at ``x + mu(x)`` becomes
 :class:`LipschitzMLP` is a ``mu`` network whose bound is computed from exact
 operator norms; :class:`LipschitzShiftNet` is the trainable one whose cap
 enforces a chosen ``L``.
+
+The sequential modes carry over. ``h(x) = g(x + mu(x))`` with ``g`` the
+fixed-noise smoothed classifier, so "``h`` is robust at radius ``r`` around
+``x``" follows from "``g`` is robust at ``r (1 + L)`` around ``x + mu(x)``"
+(the shifted input moves by at most ``(1 + L) ||delta||``). A grid (or one
+radius) for ``h`` is therefore the grid ``r_k (1 + L)`` for ``g`` at the
+shifted input, whose guarantee (core/grid.py, core/sequential.py: with
+probability at least ``1 - alpha`` every radius reported certified is a true
+certificate of ``g``) becomes the same guarantee for ``h`` at ``r_k``.
+:meth:`LipschitzShiftSmooth.certify_grid` and ``ucan certify --radii`` do
+this; ``mu(x)`` is a function of the clean input only, so the shifted inputs
+run in the same pool as any fixed-noise image.
 """
 
 from __future__ import annotations
@@ -17,8 +29,12 @@ from typing import Callable
 import torch
 from torch import nn
 
+import dataclasses
+
 from ..core.certificate import Certificate, scale_radii
-from ..core.norms import parse_norm
+from ..core.grid import certify_grid
+from ..core.norms import norm_name, parse_norm
+from ..core.sequential import certify_radius
 from ..core.smooth import Smooth
 from ..core.streams import model_device
 
@@ -139,6 +155,47 @@ class LipschitzShiftSmooth:
         with torch.no_grad():
             xs = xs.to(model_device(self.mu_fn, xs.device))
             return xs + self.mu_fn(xs)
+
+    def factor(self, norm) -> float:
+        """``1 / (1 + L)`` in ``norm``: a radius ``r`` of this classifier is the radius ``r / factor`` of
+        the fixed-noise one at ``x + mu(x)`` (module docstring)."""
+        norm = parse_norm(norm)
+        if norm not in self.factors:
+            raise ValueError(f"no proven Lipschitz bound of mu in {norm_name(norm)}: nothing is certified in it "
+                             f"(bounds for {', '.join(norm_name(q) for q in self.factors)})")
+        return self.factors[norm]
+
+    def shifted_radii(self, radii, norm) -> list:
+        """The grid of the fixed-noise classifier at the shifted input that decides ``radii`` of this one."""
+        factor = self.factor(norm)
+        return [float(r) / factor for r in radii]
+
+    def unshift_grid(self, decision, radii):
+        """A grid decision of the fixed-noise classifier on :meth:`shifted_radii` as this classifier's
+        decision on ``radii`` (the certified flags carry over one for one; the bound ``p_lower`` too)."""
+        radii = tuple(sorted(set(float(r) for r in radii)))
+        if len(radii) != len(decision.radii):
+            raise ValueError(f"the decision has {len(decision.radii)} grid radii, not {len(radii)}")
+        certified = [r for r, ok in zip(radii, decision.certified) if ok]
+        return dataclasses.replace(decision, radii=radii, certified_radius=max(certified, default=0.0))
+
+    def unshift_radius(self, decision, radius: float):
+        """A one-radius decision of the fixed-noise classifier at ``radius / factor`` as this one's at ``radius``."""
+        return dataclasses.replace(decision, radius=float(radius))
+
+    def certify_grid(self, x, radii, norm, alpha: float, **options):
+        """The largest radius of ``radii`` at which ``x`` is certified (see
+        :func:`ucan_smoothing.core.grid.certify_grid`; the grid runs at ``r (1 + L)`` on ``x + mu(x)``)."""
+        decision = certify_grid(self.smooth, self.shift(x[None])[0], self.shifted_radii(radii, norm), norm, alpha,
+                                **options)
+        return self.unshift_grid(decision, radii)
+
+    def certify_radius(self, x, radius: float, norm, alpha: float, **options):
+        """Is ``x`` certified at ``radius``? (:func:`ucan_smoothing.core.sequential.certify_radius` at
+        ``radius (1 + L)`` on ``x + mu(x)``.)"""
+        decision = certify_radius(self.smooth, self.shift(x[None])[0], radius / self.factor(norm), norm, alpha,
+                                  **options)
+        return self.unshift_radius(decision, radius)
 
     def certify_batch(self, xs, n0: int, n: int, alpha: float, batch_size: int = 1000, generator=None) -> list:
         certificates = self.smooth.certify_batch(self.shift(xs), n0, n, alpha, batch_size, generator)
