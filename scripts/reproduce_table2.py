@@ -5,16 +5,18 @@ For each noise level lambda of ``--levels`` (default 0.25, 0.5, 1.0), Gaussian f
 * isotropic     the MNIST CNN trained under N(0, lambda^2 I)
 * pattern       pattern-fixed NPG, p = 2 (geometric mean 1), classifier fine-tuned jointly
 * universal     universal NPG from the isotropic classifier (classifier frozen)
-* noisy_shift   the sound adaptive mode: mu from the noisy sample, fixed isotropic noise
+* noisy_shift   sound adaptive mode: mu from the noisy sample, fixed isotropic noise
+* lipschitz_shift  sound adaptive mode: mu from the clean input with a proven L = 0.5, radius R / (1 + L)
+* elastic_sigma sound adaptive mode: a per-input level with a proven elasticity bound (Sukenik et al.)
 * paper mode    the paper's input-dependent NPG in its mode: NOT a certificate
 
 Protocol: every ``10000 / --images``-th test image (500: every 20th), alpha = 0.001, n0 = 100,
-l2 radii 0, 0.25, ..., 2.25. The fixed-noise methods (the first four) run in grid mode
+l2 radii 0, 0.25, ..., 2.25. The fixed-noise methods (the first five) run in grid mode
 (``ucan certify RUN --radii ... --norm l2 --n 100000``, core/grid.py): decisions at every grid
 radius as strong as n = 100,000, with far fewer samples. Radii that a run's noise cannot certify
 for any ``p_lower < 1`` are left out of its grid (reported 0, as fixed n would). The paper mode
-has per-input noise, which the grid cannot plan for: it runs fixed-n CERTIFY at n = 100,000 on
-the first ``--fixed-images`` of the same images (said so in the table). ``ucan attack`` (PGD in
+and elastic_sigma have per-input noise, which the grid cannot plan for: they run fixed-n CERTIFY
+at n = 100,000 on the first ``--fixed-images`` of the same images (said so in the table). ``ucan attack`` (PGD in
 the l2 ball, PREDICT n = 2,000 at the attacked point) runs on the first ``--attack-rows`` rows of
 every file. Resumable; commands in ``<out>/commands.txt``; the tables in ``<out>/table2.md``.
 
@@ -37,7 +39,8 @@ from ucan_smoothing.runs import load_trained  # noqa: E402
 
 TABLE_RADII = tuple(0.25 * k for k in range(10))  # 0, 0.25, ..., 2.25
 MNIST_SHAPE = (1, 28, 28)
-GRID_METHODS = ("isotropic", "pattern", "universal", "noisy_shift")
+GRID_METHODS = ("isotropic", "pattern", "universal", "noisy_shift", "lipschitz_shift")
+LIPSCHITZ = 0.5
 
 
 def parse_args(argv=None):
@@ -60,8 +63,10 @@ def parse_args(argv=None):
 
 
 def certifiable(run: Path, radii) -> list:
-    """The radii the run's fixed noise can certify for some ``p_lower < 1`` (the grid refuses others)."""
-    largest = largest_certifiable_radius(load_trained(run).noise(), 2, MNIST_SHAPE)
+    """The radii the run's fixed noise can certify for some ``p_lower < 1`` (the grid refuses others;
+    a lipschitz_shift run's radii are those of its noise over 1 + L)."""
+    trained = load_trained(run)
+    largest = largest_certifiable_radius(trained.noise(), 2, MNIST_SHAPE) / (1 + (trained.lipschitz() or 0.0))
     return [r for r in radii if r <= largest]
 
 
@@ -114,6 +119,10 @@ def main(argv=None) -> int:
         train(runs["universal"], "npg", "--kind", "universal", *base)
         runs["noisy_shift"] = where / "noisy_shift"
         train(runs["noisy_shift"], "npg", "--kind", "noisy_shift", *base)
+        runs["lipschitz_shift"] = where / "lipschitz_shift"
+        train(runs["lipschitz_shift"], "npg", "--kind", "lipschitz_shift", "--lipschitz", f"{LIPSCHITZ:g}", *base)
+        runs["elastic_sigma"] = where / "elastic_sigma"
+        train(runs["elastic_sigma"], "npg", "--kind", "elastic_sigma", "--elasticity", "0.01", *base)
         runs["paper mode"] = where / "input_dependent"
         train(runs["paper mode"], "npg", "--kind", "input_dependent", "--joint", *base)
 
@@ -129,11 +138,12 @@ def main(argv=None) -> int:
                 ucan("certify", str(runs[method]), "--out", str(path), "--radii", *radii, "--norm", "l2",
                      "--max", str(images), *common)
             report.append(table_row(method, "proven", path, "grid_radius", attack(path)))
-        path = results / "input_dependent.fixed.tsv"
-        if not (path.is_file() and len(read_results(path)) == fixed_images):
-            ucan("certify", str(runs["paper mode"]), "--out", str(path), "--paper-mode", "--max", str(fixed_images),
-                 *common)
-        report.append(table_row("paper mode", "**NOT a certificate**", path, "radius_l2", attack(path)))
+        for method, guarantee, extra in (("elastic_sigma", "proven", []),
+                                         ("paper mode", "**NOT a certificate**", ["--paper-mode"])):
+            path = results / f"{runs[method].name}.fixed.tsv"
+            if not (path.is_file() and len(read_results(path)) == fixed_images):
+                ucan("certify", str(runs[method]), "--out", str(path), *extra, "--max", str(fixed_images), *common)
+            report.append(table_row(method, guarantee, path, "radius_l2", attack(path)))
         report.append("")
         (out / "table2.md").write_text("\n".join(report) + "\n")
     print((out / "table2.md").read_text())
