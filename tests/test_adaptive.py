@@ -37,6 +37,7 @@ from ucan_smoothing.npg import (
     shift_smoothed,
 )
 from ucan_smoothing.npg.generators import InputDependentGenerator
+from ucan_smoothing.npg.lipschitz_shift import operator_norm
 
 from oracles import LinearBinary, OneAxisThreshold
 
@@ -283,6 +284,24 @@ def test_lipschitz_mlp_bound_holds_and_is_tight_for_one_layer(norm):
     top = torch.linalg.svd(single.layers[0].weight.detach()).Vh[0]
     slope = float(torch.linalg.vector_norm(single(1e-6 * top[None])[0])) / 1e-6
     assert slope == pytest.approx(single.lipschitz_bound(2), rel=1e-3)
+
+
+@pytest.mark.parametrize("shape", [(8, 5), (5, 8), (256, 784)])
+def test_operator_norm_l2_is_the_largest_singular_value_with_a_finite_gradient(shape):
+    generator = torch.Generator().manual_seed(0)
+    for dtype, rel in ((torch.float64, 1e-12), (torch.float32, 1e-5)):
+        weight = torch.randn(shape, generator=generator, dtype=torch.float64).to(dtype).requires_grad_()
+        size = operator_norm(weight, 2)
+        assert float(size.detach()) == pytest.approx(float(torch.linalg.svdvals(weight.detach().double())[0]), rel=rel)
+        size.backward()
+        # d sigma_max / dW = u v^T: unit Frobenius norm
+        assert float(weight.grad.norm()) == pytest.approx(1.0, rel=1e-3)
+    zero = torch.zeros(shape, requires_grad=True)
+    size = operator_norm(zero, 2)
+    (size / 0.5).clamp(min=1.0).backward()  # as LipschitzMLP.weights caps a fresh zero layer
+    assert float(size) <= 1e-18 and torch.isfinite(zero.grad).all()
+    assert float(operator_norm(torch.tensor([[1.0, -2.0], [3.0, 4.0]]), 1)) == 6.0  # largest column sum
+    assert float(operator_norm(torch.tensor([[1.0, -2.0], [3.0, 4.0]]), "inf")) == 7.0  # largest row sum
 
 
 def test_lipschitz_mlp_caps_the_operator_norms_it_uses():
