@@ -30,6 +30,8 @@ import argparse
 import sys
 from pathlib import Path
 
+from scipy.stats import binomtest
+
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from reproduce_mnist import Reproduction, attack_counts  # noqa: E402
 
@@ -66,6 +68,9 @@ def parse_args(argv=None):
     parser.add_argument("--attack-rows", type=int, default=50)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--quick", action="store_true", help="tiny protocol to check the pipeline")
+    parser.add_argument("--report-only", action="store_true",
+                        help="write the tables from the finished files only: train, certify and attack nothing "
+                             "(a method whose file is not finished gets a 'not run' row)")
     args = parser.parse_args(argv)
     if not 1 <= args.fixed_images <= args.images:
         parser.error("--fixed-images must be between 1 and --images (they are the first of the same images)")
@@ -82,6 +87,21 @@ def certifiable(run: Path, radii) -> list:
 
 def certified_at(row: dict, column: str, radius: float) -> bool:
     return bool(row["correct"]) and row["predict"] != -1 and row[column] >= radius
+
+
+PAIRED_RADII = (0.5, 1.0, 1.5)
+
+
+def paired_row(label: str, path: Path, baseline: Path) -> str:
+    """``a / b (p)`` per radius of :data:`PAIRED_RADII`: images only this method certifies, images
+    only the isotropic baseline does, and the two-sided sign-test p of that split (a paired test)."""
+    cells = []
+    for radius in PAIRED_RADII:
+        mine, theirs = ({row["idx"] for row in read_results(p) if certified_at(row, "grid_radius", radius)}
+                        for p in (path, baseline))
+        a, b = len(mine - theirs), len(theirs - mine)
+        cells.append(f"{a} / {b} (p {binomtest(a, a + b).pvalue if a + b else 1.0:.2g})")
+    return f"| {label} | " + " | ".join(cells) + " |"
 
 
 def table_row(label: str, guarantee: str, path: Path, column: str, attack: str) -> str:
@@ -125,31 +145,46 @@ def main(argv=None) -> int:
         where = out / f"g{level:g}"
         noise = ["--noise", "gaussian", "--scale", f"{level:g}"]
         isotropic = where / "isotropic"
-        train(isotropic, "classifier", "--dataset", "mnist", *noise, "--epochs", epochs)
+        if not args.report_only:
+            train(isotropic, "classifier", "--dataset", "mnist", *noise, "--epochs", epochs)
         base = ["--base", str(isotropic / "final.pt"), *noise, "--epochs", npg_epochs]
         results = where / "results"
         common = ["--n0", "100", "--n", n, "--alpha", "0.001", "--skip", skip, *seed, *checks]
         report += [f"## lambda = {level:g}", "",
                    "| method | guarantee | images | mean samples | " + " | ".join(f"{r:g}" for r in TABLE_RADII)
                    + " | attack |", "|---|---|---|---|" + "---|" * (len(TABLE_RADII) + 1)]
+        grids = {}
         # each method is trained just before it is certified and its row written at once, so an
         # interrupted run leaves the rows it finished (and resumes from there)
         for method, folder, mode, kind in METHODS:
             run = where / folder
-            if kind is not None:
+            if kind is not None and not args.report_only:
                 train(run, "npg", *kind, *base)
             if mode == "grid":
                 path, count, column, guarantee = results / f"{folder}.grid.tsv", images, "grid_radius", "proven"
-                radii = [f"{r:g}" for r in certifiable(run, TABLE_RADII)]
-                options = ["--radii", *radii, "--norm", "l2"]
+                if not args.report_only:
+                    options = ["--radii", *(f"{r:g}" for r in certifiable(run, TABLE_RADII)), "--norm", "l2"]
             else:
                 path, count, column = results / f"{folder}.fixed.tsv", fixed_images, "radius_l2"
                 paper = method == "paper mode"
                 guarantee, options = ("**NOT a certificate**", ["--paper-mode"]) if paper else ("proven", [])
-            if not (path.is_file() and len(read_results(path)) == count):
+            done = path.is_file() and len(read_results(path)) == count
+            if args.report_only and not (done and path.with_suffix(".attack.tsv.summary.json").is_file()):
+                report.append(f"| {method} | not run (no finished file and attack) |" + " |" * (len(TABLE_RADII) + 3))
+                continue
+            if not done:
                 ucan("certify", str(run), "--out", str(path), *options, "--max", str(count), *common)
             report.append(table_row(method, guarantee, path, column, attack(path)))
+            if mode == "grid":
+                grids[method] = path
             (out / "table2.md").write_text("\n".join(report) + "\n")
+        if "isotropic" in grids and len(grids) > 1:
+            report += ["", "Paired with isotropic noise on the same images (grid mode): images only the method "
+                       "certifies / images only isotropic noise certifies (two-sided sign-test p), at l2 radius:", "",
+                       "| method | " + " | ".join(f"{r:g}" for r in PAIRED_RADII) + " |",
+                       "|---|" + "---|" * len(PAIRED_RADII)]
+            report += [paired_row(method, path, grids["isotropic"]) for method, path in grids.items()
+                       if method != "isotropic"]
         report.append("")
         (out / "table2.md").write_text("\n".join(report) + "\n")
     print((out / "table2.md").read_text())
