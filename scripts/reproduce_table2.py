@@ -16,9 +16,9 @@ l2 radii 0, 0.25, ..., 2.25. The fixed-noise methods run in grid mode
 radius as strong as n = 100,000, with far fewer samples. Radii that a run's noise cannot certify
 for any ``p_lower < 1`` are left out of its grid (reported 0, as fixed n would). The paper mode
 and elastic_sigma have per-input noise, which the grid cannot plan for: they run fixed-n CERTIFY
-at n = 100,000 on the first ``--fixed-images`` of the same images (said so in the table). ``ucan attack`` (PGD in
-the l2 ball, PREDICT n = 2,000 at the attacked point) runs on the first ``--attack-rows`` rows of
-every file. Resumable; commands in ``<out>/commands.txt``; the tables in ``<out>/table2.md``.
+at n = 100,000 on the first ``--fixed-images`` of the same images (said so in the table).
+``ucan attack`` (PGD in the l2 ball, PREDICT n = 2,000 at the attacked point) runs on the first
+``--attack-rows`` rows of every file. Resumable; commands in ``<out>/commands.txt``; the tables in ``<out>/table2.md``.
 
     python scripts/reproduce_table2.py --out runs/table2                 # hours on 2 CPU cores
     python scripts/reproduce_table2.py --out /tmp/t --quick              # minutes: the pipeline
@@ -95,10 +95,11 @@ PAIRED_RADII = (0.5, 1.0, 1.5)
 def paired_row(label: str, path: Path, baseline: Path) -> str:
     """``a / b (p)`` per radius of :data:`PAIRED_RADII`: images only this method certifies, images
     only the isotropic baseline does, and the two-sided sign-test p of that split (a paired test)."""
+    rows, baseline_rows = read_results(path), read_results(baseline)
     cells = []
     for radius in PAIRED_RADII:
-        mine, theirs = ({row["idx"] for row in read_results(p) if certified_at(row, "grid_radius", radius)}
-                        for p in (path, baseline))
+        mine, theirs = ({row["idx"] for row in r if certified_at(row, "grid_radius", radius)}
+                        for r in (rows, baseline_rows))
         a, b = len(mine - theirs), len(theirs - mine)
         cells.append(f"{a} / {b} (p {binomtest(a, a + b).pvalue if a + b else 1.0:.2g})")
     return f"| {label} | " + " | ".join(cells) + " |"
@@ -137,8 +138,7 @@ def main(argv=None) -> int:
               f"({images} images, every {skip}th), fixed n = {n} for the per-input modes, elastic_sigma and the "
               f"paper mode (the first {fixed_images} of them). With noise of level lambda no radius above "
               "lambda * PhiInv(alpha^(1/n)) (3.8 lambda at n = 100,000) can be certified at this n; anisotropic "
-              "noise reaches less in l2 (its "
-              "smallest sigma sets the l2 radius). "
+              "noise reaches less in l2 (its smallest sigma sets the l2 radius). "
               "`mean samples`: model calls per image of the grid mode, selection included. Attack: violations among "
               "the attacked rows.", ""]
     for level in args.levels:

@@ -23,16 +23,15 @@ run in the same pool as any fixed-noise image.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from typing import Callable
 
 import torch
 from torch import nn
 
-import dataclasses
-
 from ..core.certificate import Certificate, scale_radii
-from ..core.grid import certify_grid
+from ..core.grid import certify_grid, check_radii
 from ..core.norms import norm_name, parse_norm
 from ..core.sequential import certify_radius
 from ..core.smooth import Smooth
@@ -184,7 +183,7 @@ class LipschitzShiftSmooth:
     def unshift_grid(self, decision, radii):
         """A grid decision of the fixed-noise classifier on :meth:`shifted_radii` as this classifier's
         decision on ``radii`` (the certified flags carry over one for one; the bound ``p_lower`` too)."""
-        radii = tuple(sorted(set(float(r) for r in radii)))
+        radii = check_radii(radii)
         if len(radii) != len(decision.radii):
             raise ValueError(f"the decision has {len(decision.radii)} grid radii, not {len(radii)}")
         certified = [r for r, ok in zip(radii, decision.certified) if ok]
