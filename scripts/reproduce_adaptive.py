@@ -102,7 +102,7 @@ def main(argv=None) -> int:
         return path
 
     report = ["# Sound input-dependent noise against isotropic noise", "",
-              "Written by `scripts/reproduce_adaptive.py` (commands in `commands.txt`). Certified accuracy (%) "
+              "Written by `scripts/reproduce_adaptive.py` (commands in `<out>/commands.txt`). Certified accuracy (%) "
               f"of {images} test images, n = {n}, alpha = 0.001; attack: violations among the attacked rows.", ""]
     for setting in args.settings:
         dataset, level = setting.split(":")

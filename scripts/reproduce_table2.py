@@ -133,7 +133,7 @@ def main(argv=None) -> int:
         return attack_counts(attacked.with_suffix(".tsv.summary.json"))
 
     report = ["# The paper's MNIST Table 2 protocol", "",
-              f"Written by `scripts/reproduce_table2.py` (commands in `commands.txt`). Certified accuracy (%) at "
+              f"Written by `scripts/reproduce_table2.py` (commands in `<out>/commands.txt`). Certified accuracy (%) at "
               f"l2 radii; alpha = 0.001, n0 = 100, at most n = {n} samples; grid mode for the fixed-noise methods "
               f"({images} images, every {skip}th), fixed n = {n} for the per-input modes, elastic_sigma and the "
               f"paper mode (the first {fixed_images} of them). With noise of level lambda no radius above "

@@ -85,7 +85,7 @@ def main(argv=None) -> int:
     epochs, npg_epochs = ("1", "1") if args.quick else (str(args.epochs), str(args.npg_epochs))
 
     report = ["# Universality: anisotropic noise for every family, in the norms each certifies", "",
-              f"Written by `scripts/reproduce_universality.py` (commands in `commands.txt`). {images} test images, "
+              f"Written by `scripts/reproduce_universality.py` (commands in `<out>/commands.txt`). {images} test images, "
               f"n = {n}, alpha = 0.001. Certified accuracy (%) at each radius; ACR = mean certified radius of the "
               "correct rows. **ALM is a volume figure, NOT a certified radius** (the radius of the isotropic ball "
               "with the region's volume). The paper mode is NOT a certificate.", ""]

@@ -206,3 +206,16 @@ def test_threads_option_of_a_compute_command(monkeypatch, capsys):
     assert cli.main(["certify", "RUN", "--out", "r.tsv", "--threads", "0"]) == 2
     assert "--threads must be >= 1, got 0" in _one_error_line(capsys, "certify")
     assert seen == [wanted, before]
+
+
+# --------------------------------------------------------------------------- help text
+
+
+def test_help_shows_defaults_of_values_not_of_plain_flags(capsys):
+    """``--no-progress`` once read "(default: True)": the dest's default, the opposite of what the flag does."""
+    with pytest.raises(SystemExit):
+        cli.main(["certify", "--help"])
+    text = " ".join(capsys.readouterr().out.split("options:", 1)[1].split())  # past the usage lines
+    assert "--no-progress no progress bar --" in text  # no default after a plain flag
+    assert "(default: True)" in text.split("--no-channels-last", 1)[1].split("--amp", 1)[0]  # on/off pair keeps it
+    assert "image i uses (seed, i) (default: 0)" in text

@@ -42,12 +42,14 @@ _OPEN_ERRNOS = {errno.EACCES, errno.EPERM, errno.EISDIR, errno.ENAMETOOLONG, err
 
 
 class HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
-    """Every option's help ends with its default (unless the text already says it, or there is none);
+    """Every option's help ends with its default (unless the text already says it, or there is none,
+    or the option is a plain flag such as ``--no-progress``, whose default would read as its effect);
     descriptions and epilogs keep their line breaks."""
 
     def _get_help_string(self, action):
         text = action.help or ""
-        if action.default is None or action.default is argparse.SUPPRESS or "default" in text:
+        flag = isinstance(action, argparse._StoreConstAction)  # store_true / store_false
+        if flag or action.default is None or action.default is argparse.SUPPRESS or "default" in text:
             return text
         return super()._get_help_string(action)
 

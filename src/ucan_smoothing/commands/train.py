@@ -67,12 +67,13 @@ def configure(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--train-pattern", action="store_true", default=None,
                    help="pattern: learn kappa and iota (default: hand-set, as in the paper)")
     g.add_argument("--gamma", type=float, help="universal / input-dependent: bound of log sigma "
-                   "(default 5; 2 on ImageNet; 1 for input-dependent); shift kinds: bound of |mu| (default 1)")
+                   "(default 5; 2 on ImageNet; 1 for input-dependent); shift kinds: bound of |mu| (default 1); "
+                   "elastic_sigma: bound of |log sigma| (default 0.5)")
     g.add_argument("--gamma-mu", type=float, help="universal: bound of |mu| (default gamma)")
     g.add_argument("--normalize", choices=["none", "geometric"],
                    help="divide sigma by its geometric mean (default: geometric for pattern, none otherwise)")
     g.add_argument("--no-mu", action="store_true", default=None, help="universal: keep mu = 0")
-    g.add_argument("--hidden", type=int, help="universal, lipschitz_shift: width of the MLP layers (default 256)")
+    g.add_argument("--hidden", type=int, help="universal, lipschitz_shift: width of the MLP layers (default 256); elastic_sigma: (default 64)")
     g.add_argument("--lipschitz", type=float, help="lipschitz_shift: the Lipschitz bound L enforced on mu "
                    "(default 0.5; certified radius R / (1 + L), L recomputed from the weights)")
     g.add_argument("--depth", type=int, help="lipschitz_shift: number of linear layers of mu (default 2); "

@@ -196,7 +196,7 @@ class SnapToGrid(torch.nn.Module):
             raise ValueError(
                 f"float-sound smoothing needs a float32 or float64 model, got {parameter.dtype} "
                 "parameters: its inputs would be rounded before the grid is recovered; keep float32 "
-                "weights and use autocast (models.Autocast, --amp) for half precision"
+                "weights and wrap them in models.Autocast inside this layer for half precision (Python API only)"
             )
         self.model = model
         self.step = _check_positive("step", step)
