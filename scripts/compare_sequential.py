@@ -1,13 +1,17 @@
 """Compare sequential certification (`ucan certify --radius r`) with fixed-n CERTIFY runs.
 
-    python scripts/compare_sequential.py SEQUENTIAL.tsv FIXED.tsv [FIXED.tsv ...]
+    python scripts/compare_sequential.py SEQUENTIAL.tsv REFERENCE.tsv [REFERENCE.tsv ...] [--fixed-n N]
 
 The files must certify the same checkpoint with the same noise, data and
-alpha. On the images that every file holds (matched by index), prints a Markdown
-table: certified accuracy at the sequential file's radius and norm (correct
-and certified at that radius), the images whose decision differs, and the
-model calls per image (mean and median for the sequential file, n0 + n for
-a fixed run) with the ratio to each fixed run.
+alpha. A reference is a fixed-n CERTIFY file, a grid file (`--radii`) or
+another sequential file (say, of an earlier stopping rule). On the images
+that every file holds (matched by index), prints a Markdown table: certified
+accuracy at the first file's radius and norm (correct and certified at that
+radius), the images whose decision differs, and the model calls per image
+(mean and median for the sequential and grid files, n0 + n for a fixed run)
+with each reference's ratio to the first file. ``--fixed-n N`` adds the calls
+fixed-n CERTIFY with ``n = N`` would make (n0 + N per image; not run, so no
+decisions).
 """
 
 from __future__ import annotations
@@ -25,8 +29,10 @@ SAME_KEYS = ("checkpoint_sha256", "noise", "npg", "dataset", "split", "alpha")
 
 def parse_args():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("sequential", help="result file of `ucan certify --radius r`")
-    parser.add_argument("fixed", nargs="+", help="result files of fixed-n `ucan certify` on the same run")
+    parser.add_argument("sequential", help="result file of `ucan certify --radius r` (the first file)")
+    parser.add_argument("fixed", nargs="+", metavar="reference",
+                        help="result files of fixed-n, grid (--radii) or sequential `ucan certify` on the same run")
+    parser.add_argument("--fixed-n", type=int, help="also list the calls of fixed-n CERTIFY at this n (not run)")
     return parser.parse_args()
 
 
@@ -63,12 +69,23 @@ def main() -> int:
     for path in args.fixed:
         rows = tables[path]
         fixed_config = read_sidecar(path)["config"]
-        per_image = fixed_config["n0"] + fixed_config["n"]
+        if fixed_config.get("radii") is not None or fixed_config.get("radius") is not None:
+            # staged runs: the calls each image made
+            used = [rows[i]["samples_used"] for i in common]
+            per_image, kind = statistics.mean(used), "grid" if fixed_config.get("radii") is not None else "sequential"
+            calls_text = (f"mean {per_image:,.0f}, median {statistics.median(used):,.0f}")
+            label = f"{kind} ({fixed_config['mode']}), n at most {fixed_config['n']:,}"
+        else:
+            per_image = fixed_config["n0"] + fixed_config["n"]
+            calls_text, label = f"{per_image:,}", f"fixed n = {fixed_config['n']:,}"
         fixed_decisions = [certified(rows[i], column, radius) for i in common]
         differ = [i for i, a, b in zip(common, decisions, fixed_decisions) if a != b]
-        print(f"| fixed n = {fixed_config['n']:,} ({Path(path).name}) | {per_image:,} "
-              f"({per_image / mean_calls:.0f}x the sequential mean) | "
+        print(f"| {label} ({Path(path).name}) | {calls_text} ({per_image / mean_calls:.1f}x the first file's mean) | "
               f"{100 * sum(fixed_decisions) / len(common):.1f}% | {len(differ)} {differ[:10] if differ else ''} |")
+    if args.fixed_n is not None:
+        per_image = config["n0"] + args.fixed_n
+        print(f"| fixed n = {args.fixed_n:,} (calls only, not run) | {per_image:,} "
+              f"({per_image / mean_calls:.1f}x the first file's mean) | - | - |")
     return 0
 
 

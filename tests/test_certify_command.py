@@ -70,6 +70,27 @@ def test_a_changed_config_is_refused(run_dir, tmp_path):
     assert main(certify_args(run_dir, out, "--alpha", "0.01")) == 2
 
 
+def test_a_radius_file_of_the_earlier_futility_rule_is_not_extended(run_dir, tmp_path, capsys):
+    """A ``--radius`` file written before the budget futility rule (no ``radius_futility`` in its
+    config) stopped on the upper bound alone: resuming it would mix two stopping rules in one file,
+    so it is refused with one line and the file stays as it was."""
+    import json
+
+    out = tmp_path / "old.tsv"
+    assert main(certify_args(run_dir, out, "--radius", "0.25", "--n", "2000", "--max", "2")) == 0
+    sidecar = out.with_suffix(".tsv.json")
+    record = json.loads(sidecar.read_text())
+    assert record["config"]["radius_futility"] == "reach-0.01"
+    del record["config"]["radius_futility"]
+    sidecar.write_text(json.dumps(record))
+    before = out.read_text()
+    capsys.readouterr()
+    assert main(certify_args(run_dir, out, "--radius", "0.25", "--n", "2000")) == 2
+    error = capsys.readouterr().err.strip().splitlines()
+    assert len(error) == 1 and "radius_futility" in error[0]
+    assert out.read_text() == before
+
+
 def test_memory_layout_is_recorded_and_may_change_on_resume(run_dir, tmp_path):
     plain, fast = tmp_path / "plain.tsv", tmp_path / "fast.tsv"
     assert main(certify_args(run_dir, plain, "--no-channels-last")) == 0
@@ -146,6 +167,18 @@ def test_sequential_mode_writes_its_decision(run_dir, tmp_path):
     mean_calls = sum(row["samples_used"] for row in rows) / len(rows)
     assert "8 common images; radius 0.25 in l2" in report
     assert f"| {100 * accuracy:.1f}% |" in report and f"mean {mean_calls:,.0f}" in report
+    # a grid pass as the reference: its own calls per image, and the calls of a fixed n not run
+    grid = tmp_path / "grid.tsv"
+    assert main(certify_args(run_dir, grid, "--radii", "0", "0.25", "--norm", "l2", "--n", "2000")) == 0
+    report = subprocess.run([sys.executable, str(script), str(out), str(grid), "--fixed-n", "100000"], check=True,
+                            capture_output=True, text=True).stdout
+    grid_rows = read_results(grid)
+    grid_mean = sum(row["samples_used"] for row in grid_rows) / len(grid_rows)
+    grid_accuracy = sum(r["correct"] and r["radius_l2"] >= 0.25 for r in grid_rows) / len(grid_rows)
+    grid_line = next(line for line in report.splitlines() if "grid.tsv" in line)
+    assert f"mean {grid_mean:,.0f}" in grid_line and f"({grid_mean / mean_calls:.1f}x" in grid_line
+    assert f"| {100 * grid_accuracy:.1f}% |" in grid_line
+    assert f"| 100,032 ({100_032 / mean_calls:.1f}x the first file's mean) | - | - |" in report
     other = tmp_path / "other_alpha.tsv"
     assert main(certify_args(run_dir, other, "--n", "2000", "--alpha", "0.01")) == 0
     refused = subprocess.run([sys.executable, str(script), str(out), str(other)], capture_output=True, text=True)

@@ -5,6 +5,7 @@ certificate, sample savings, the p_needed threshold and bad input."""
 
 import math
 
+import numpy as np
 import pytest
 import torch
 from scipy import stats
@@ -31,6 +32,7 @@ from ucan_smoothing.core.sequential import (
     radius_at,
     run_stages,
 )
+from ucan_smoothing.core.statistics import clopper_pearson_upper
 
 from oracles import LinearBinary, OneAxisThreshold, one_axis_p_top
 
@@ -125,11 +127,60 @@ def test_naive_unsplit_alpha_over_claims_so_the_validity_test_can_fail():
     schedule = geometric_schedule(SMALL["max_n"], SMALL["stages"], SMALL["first"])
     xs = x.expand(TRIALS, 3)
     generator = torch.Generator().manual_seed(7)
-    tests = [StagedClopperPearson(1, threshold, [ALPHA] * len(schedule)) for _ in range(TRIALS)]
+    tests = [StagedClopperPearson(1, threshold, schedule, [ALPHA] * len(schedule)) for _ in range(TRIALS)]
     run_stages(lambda rows, m: smooth.count_votes(xs[rows], m, 200_000, generator), tests, schedule)
     wrong = sum(test.certified for test in tests)
     with pytest.raises(AssertionError):
         assert_rate_at_most_alpha(wrong, TRIALS, ALPHA)
+
+
+class UpperBoundOnly(StagedClopperPearson):
+    """The futility rule of earlier versions: stop when the upper bound at the stage level is
+    below the threshold (kept here to measure what the budget rule changes)."""
+
+    def futile(self):
+        return clopper_pearson_upper(self.hits, self.n, self.stage_alphas[self.stages_run - 1]) < self.threshold
+
+
+def staged_on_binomial_votes(test_class, p, schedule, stage_alphas, seed, threshold=0.8):
+    """One test fed exact binomial votes for class 1, stage by stage, from its own generator."""
+    rng = np.random.default_rng(seed)
+    test, drawn = test_class(1, threshold, schedule, stage_alphas), 0
+    for size in schedule:
+        if test.done:
+            break
+        hits = int(rng.binomial(size - drawn, p))
+        test.update(torch.tensor([size - drawn - hits, hits]))
+        drawn = size
+    return test
+
+
+def test_futility_stops_inputs_the_budget_cannot_certify_and_keeps_the_others():
+    """Paired with the upper-bound rule on the same draws (so the budget rule, never stopping
+    later, never certifies more): just below the threshold and just above it, closer than the final
+    stage's margin (about 0.0047 here), the upper-bound rule ran to the full budget; the budget rule
+    stops far earlier, and where the budget can reach the threshold it certifies about as often."""
+    alpha, max_n, threshold = 0.001, 100_000, 0.8
+    schedule = geometric_schedule(max_n, 10, 100)
+    stage_alphas = [alpha / len(schedule)] * len(schedule)
+    trials = 200
+    calls, certified = {}, {}
+    for gap in (-0.003, 0.001, 0.006, 0.012):
+        for rule in (StagedClopperPearson, UpperBoundOnly):
+            tests = [staged_on_binomial_votes(rule, threshold + gap, schedule, stage_alphas, [33, trial])
+                     for trial in range(trials)]
+            calls[gap, rule] = sum(t.n for t in tests) / trials
+            certified[gap, rule] = sum(t.certified for t in tests) / trials
+    named = {f"{gap:+g} {rule.__name__}": (round(calls[gap, rule]), certified[gap, rule]) for gap, rule in calls}
+    print(f"\n(mean samples, share certified) by p - threshold and rule: {named}")
+    assert calls[-0.003, UpperBoundOnly] > 0.9 * max_n and calls[0.001, UpperBoundOnly] > 0.99 * max_n
+    assert calls[-0.003, StagedClopperPearson] < 0.5 * calls[-0.003, UpperBoundOnly]
+    assert calls[0.001, StagedClopperPearson] < 0.9 * calls[0.001, UpperBoundOnly]
+    for gap in (-0.003, 0.001, 0.006, 0.012):
+        assert certified[gap, StagedClopperPearson] <= certified[gap, UpperBoundOnly]
+    for gap in (0.006, 0.012):  # within reach of the budget: hardly any certification lost
+        assert certified[gap, StagedClopperPearson] >= certified[gap, UpperBoundOnly] - 0.05
+    assert certified[0.012, StagedClopperPearson] >= 0.95
 
 
 def test_sequential_predict_returns_a_class_at_most_alpha_often_on_a_tie():

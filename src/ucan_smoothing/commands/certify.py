@@ -366,6 +366,8 @@ def _certify(args, context) -> int:
         config["radii"] = sorted(set(args.radii))
         config["grid_stages"] = "aligned"  # core/grid.py aligned_schedule: files of the geometric stages differ
         config["grid_futility"] = f"reach-{FUTILITY_LEVEL:g}"  # rule (b) of core/grid.py: earlier files differ
+    if args.radius is not None and args.method == "cp":
+        config["radius_futility"] = f"reach-{FUTILITY_LEVEL:g}"  # core/sequential.py out_of_reach: earlier files differ
     if args.memory:  # only when set, so files written before --memory existed still resume
         config["memory"] = True
     if args.amp:  # only when set, so files of float32 runs keep their config

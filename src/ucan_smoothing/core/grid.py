@@ -94,19 +94,24 @@ import functools
 import math
 from dataclasses import dataclass
 
-from scipy.stats import binom
-
 from .certificate import ABSTAIN
 from .norms import norm_name, parse_norm
-from .sequential import DEFAULT_STAGES, _smooth_draw, geometric_schedule, p_needed, radius_at, run_stages
-from .statistics import check_alpha, check_count, clopper_pearson_lower, clopper_pearson_upper
+from .sequential import (
+    DEFAULT_STAGES,
+    FUTILITY_LEVEL,
+    _smooth_draw,
+    final_votes_needed,
+    geometric_schedule,
+    out_of_reach,
+    p_needed,
+    radius_at,
+    run_stages,
+)
+from .statistics import check_alpha, check_count, clopper_pearson_lower
 from .streams import resolve_generator
 
 #: the threshold of radius 0: ``p_lower >= this`` is ``p_lower > 1/2`` (the prediction is certified)
 ZERO_RADIUS_THRESHOLD = math.nextafter(0.5, 1.0)
-#: ``beta`` of the futility rule (b): the level of its upper bound and the chance below which
-#: it stops; no claim rests on it
-FUTILITY_LEVEL = 0.01
 #: the largest float below 1, where the noise's largest certificate is read
 _P_MAX = math.nextafter(1.0, 0.0)
 
@@ -160,29 +165,8 @@ class GridTest:
     def futile(self, threshold: float) -> bool:
         """Rule (b): with ``p`` at its upper bound (level ``futility_level``), the samples still to
         come would lift the final stage's bound to ``threshold`` with a chance below ``futility_level``."""
-        max_n = self.schedule[-1]
-        needed = final_votes_needed(threshold, max_n, self.stage_alphas[-1]) - self.hits
-        left = max_n - self.n
-        if needed <= 0:
-            return False  # the votes so far already give the final stage its bound
-        if needed > left:
-            return True  # not even every sample left voting for the class would do
-        upper = clopper_pearson_upper(self.hits, self.n, self.futility_level)
-        return binom.sf(needed - 1, left, upper) < self.futility_level
-
-
-@functools.lru_cache(maxsize=256)
-def final_votes_needed(threshold: float, max_n: int, stage_alpha: float) -> int:
-    """The fewest votes ``k`` of ``max_n`` whose bound at ``stage_alpha`` reaches ``threshold``
-    (``max_n + 1`` when none does): the Clopper-Pearson bound grows with ``k``, so a bisection."""
-    low, high = 0, max_n + 1
-    while low < high:
-        middle = (low + high) // 2
-        if clopper_pearson_lower(middle, max_n, stage_alpha) >= threshold:
-            high = middle
-        else:
-            low = middle + 1
-    return low
+        return out_of_reach(self.hits, self.n, threshold, self.schedule[-1], self.stage_alphas[-1],
+                            self.futility_level)
 
 
 # -- the plan: thresholds and stages of one grid ------------------------------------------------

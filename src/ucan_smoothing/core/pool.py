@@ -234,7 +234,8 @@ class RadiusJob(StagedJob):
     def _new_test(self, cls, selection):
         plan = self.plan
         if plan.method == "cp":
-            return StagedClopperPearson(cls, plan.threshold, [plan.alpha / len(plan.schedule)] * len(plan.schedule))
+            stage_alphas = [plan.alpha / len(plan.schedule)] * len(plan.schedule)
+            return StagedClopperPearson(cls, plan.threshold, plan.schedule, stage_alphas)
         return Betting(cls, plan.threshold, plan.alpha, prior=(int(selection[cls]), self.n0))
 
     def result(self) -> RadiusDecision:

@@ -18,8 +18,17 @@ are drawn fresh in ``K`` stages of growing size, with cumulative sizes
 for ``cA`` gives one-sided Clopper-Pearson bounds at level ``alpha / K``:
 
 * certified when the lower bound ``L_k >= p_needed``;
-* not certified when the upper bound is below ``p_needed`` (futility), or
-  after stage ``K``.
+* not certified when the budget left is out of reach (futility,
+  :func:`out_of_reach`): even if ``p`` were as large as its one-sided
+  Clopper-Pearson upper bound at level ``beta`` (:data:`FUTILITY_LEVEL`, 0.01),
+  the samples still to come would lift the final stage's bound to
+  ``p_needed`` with a chance below ``beta``; or after stage ``K``.
+
+Why this futility rule and not "the upper bound at the stage level is below
+``p_needed``" (earlier versions): an input whose ``p`` lies just below the
+threshold, or just above it but closer than the final stage's margin, ran
+to the full budget under that rule while almost never being certified.
+The rule is the grid's rule (b) (``core/grid.py``) for one radius.
 
 Why the guarantee survives early stopping. Let ``p = P(f(x + noise) = cA)``.
 Picture all ``K`` stages run to the end: each ``L_k`` is a Clopper-Pearson
@@ -63,8 +72,11 @@ other inputs, so the guarantee holds per input.
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
+
+from scipy.stats import binom
 
 from .norms import norm_name, parse_norm
 from .certificate import ABSTAIN
@@ -84,6 +96,9 @@ DEFAULT_STAGES = {"cp": 10, "betting": 40}
 #: betting never stakes more than this fraction of the wealth on one sample
 #: (all-in betting would lose everything on a single vote for another class)
 MAX_BET_FRACTION = 0.5
+#: ``beta`` of the futility rule: the level of its upper bound and the chance below which it
+#: stops; no claim rests on it
+FUTILITY_LEVEL = 0.01
 #: the largest float below 1: the end of the bisection interval of p_needed
 _P_MAX = math.nextafter(1.0, 0.0)
 
@@ -154,6 +169,39 @@ def geometric_schedule(max_n: int, stages: int, first: int = 100) -> tuple:
     return tuple(sorted(sizes | {max_n}))
 
 
+# -- the futility rule ------------------------------------------------------------------
+
+
+@functools.lru_cache(maxsize=256)
+def final_votes_needed(threshold: float, max_n: int, stage_alpha: float) -> int:
+    """The fewest votes ``k`` of ``max_n`` whose bound at ``stage_alpha`` reaches ``threshold``
+    (``max_n + 1`` when none does): the Clopper-Pearson bound grows with ``k``, so a bisection."""
+    low, high = 0, max_n + 1
+    while low < high:
+        middle = (low + high) // 2
+        if clopper_pearson_lower(middle, max_n, stage_alpha) >= threshold:
+            high = middle
+        else:
+            low = middle + 1
+    return low
+
+
+def out_of_reach(hits: int, n: int, threshold: float, max_n: int, final_alpha: float,
+                 beta: float = FUTILITY_LEVEL) -> bool:
+    """Futility: even if ``p`` were as large as its one-sided Clopper-Pearson upper bound at level
+    ``beta`` (from ``hits`` of ``n``), the ``max_n - n`` samples still to come would lift the final
+    stage's bound (level ``final_alpha``) to ``threshold`` with a chance below ``beta``. Decides
+    only when to stop: no claim rests on it."""
+    needed = final_votes_needed(threshold, max_n, final_alpha) - hits
+    left = max_n - n
+    if needed <= 0:
+        return False  # the votes so far already give the final stage its bound
+    if needed > left:
+        return True  # not even every sample left voting for the class would do
+    upper = clopper_pearson_upper(hits, n, beta)
+    return binom.sf(needed - 1, left, upper) < beta
+
+
 # -- the sequential tests -----------------------------------------------------------
 #
 # One object per input holds that input's test; ``update(votes)`` takes the
@@ -166,11 +214,16 @@ def geometric_schedule(max_n: int, stages: int, first: int = 100) -> tuple:
 class StagedClopperPearson:
     """Staged test of ``p(cls) >= threshold``: certified at the first stage whose
     Clopper-Pearson lower bound at that stage's level reaches ``threshold``;
-    stops for futility when the upper bound falls below it. Valid at level
-    ``sum(stage_alphas)`` (union bound)."""
+    stops for futility when the budget left is out of reach (:func:`out_of_reach`).
+    ``schedule`` the cumulative stage sizes, ``stage_alphas`` their levels: valid at
+    level ``sum(stage_alphas)`` (union bound)."""
 
-    def __init__(self, cls: int, threshold: float, stage_alphas):
-        self.cls, self.threshold, self.stage_alphas = cls, threshold, tuple(stage_alphas)
+    def __init__(self, cls: int, threshold: float, schedule, stage_alphas, futility_level: float = FUTILITY_LEVEL):
+        self.cls, self.threshold = cls, threshold
+        self.schedule, self.stage_alphas = tuple(schedule), tuple(stage_alphas)
+        if len(self.schedule) != len(self.stage_alphas) or not self.schedule:
+            raise ValueError("schedule and stage_alphas need the same (non-zero) length")
+        self.futility_level = check_alpha(futility_level)
         self.hits = self.n = self.stages_run = 0
         self.p_lower = 0.0
         self.certified = self.done = False
@@ -183,8 +236,12 @@ class StagedClopperPearson:
         self.p_lower = clopper_pearson_lower(self.hits, self.n, stage_alpha)
         if self.p_lower >= self.threshold:
             self.certified = self.done = True
-        elif clopper_pearson_upper(self.hits, self.n, stage_alpha) < self.threshold:
-            self.done = True  # futile: certifying later has become unlikely
+        elif self.futile():
+            self.done = True
+
+    def futile(self) -> bool:
+        return out_of_reach(self.hits, self.n, self.threshold, self.schedule[-1], self.stage_alphas[-1],
+                            self.futility_level)
 
 
 class Betting:
@@ -422,7 +479,7 @@ def _certify_radius(smooth, xs, radius, norm, alpha, n0, max_n, stages, first, m
     selected = selection.argmax(dim=1).tolist()
     if method == "cp":
         stage_alphas = [alpha / len(schedule)] * len(schedule)
-        tests = [StagedClopperPearson(c, threshold, stage_alphas) for c in selected]
+        tests = [StagedClopperPearson(c, threshold, schedule, stage_alphas) for c in selected]
     else:
         tests = [Betting(c, threshold, alpha, prior=(int(row[c]), n0)) for c, row in zip(selected, selection)]
     run_stages(_smooth_draw(smooth, xs, batch_size, generator), tests, schedule)
