@@ -100,7 +100,6 @@ from .sequential import (
     DEFAULT_STAGES,
     FUTILITY_LEVEL,
     _smooth_draw,
-    final_votes_needed,
     geometric_schedule,
     out_of_reach,
     p_needed,
