@@ -15,6 +15,7 @@ from ucan_smoothing.core.pool import (
     CertifyJob,
     GridJob,
     ImageStream,
+    QuantumCache,
     RadiusJob,
     certify_grid_pool,
     certify_pool,
@@ -120,6 +121,41 @@ def test_a_stream_is_the_same_however_it_is_cut(noise):
     assert torch.equal(stream.draw(100, 101)[0], whole[100])
     other = ImageStream(noise, 4, 10, SHAPE, "cpu", torch.float32).draw(0, 5 * QUANTUM + 3)
     assert not torch.equal(whole, other)
+
+
+@pytest.mark.parametrize("capacity", [1, 2, 8])
+def test_a_cached_stream_gives_the_same_samples(capacity):
+    plain = ImageStream(NOISE, 4, 9, SHAPE, "cpu", torch.float32)
+    cache = QuantumCache(capacity)
+    cached = ImageStream(NOISE, 4, 9, SHAPE, "cpu", torch.float32, cache)
+    other = ImageStream(NOISE, 4, 10, SHAPE, "cpu", torch.float32, cache)  # competes for the cache
+    cuts = [0, 7, 100, QUANTUM, QUANTUM + 1, 3 * QUANTUM - 1, 3 * QUANTUM + 50, 5 * QUANTUM + 3]
+    for a, b in zip(cuts, cuts[1:]):
+        assert torch.equal(cached.draw(a, b), plain.draw(a, b))
+        other.draw(a // 2, a // 2 + 3)
+        assert len(cache) <= capacity
+    # a draw out of order (an earlier quantum again) is drawn afresh, the same
+    assert torch.equal(cached.draw(5, 9), plain.draw(5, 9))
+
+
+def test_the_pool_draws_each_quantum_once_when_batches_and_stages_cut_it(monkeypatch):
+    drawn = []
+    original = ImageStream._quantum
+
+    def counting(self, j):
+        drawn.append((self.start, j))
+        return original(self, j)
+
+    monkeypatch.setattr(ImageStream, "_quantum", counting)
+    smooth = smooth_of()
+    n0, n = 100, 1000  # n0 ends inside quantum 0; batches of 64 cut every quantum in four
+    list(certify_pool(smooth, INPUTS[:2], n0, n, 0.01, seed=0, batch_size=64))
+    per_image = {}
+    for key in drawn:
+        per_image[key] = per_image.get(key, 0) + 1
+    assert len({start for start, _ in per_image}) == 2
+    assert sorted({j for _, j in per_image}) == list(range(-(-(n0 + n) // QUANTUM)))
+    assert set(per_image.values()) == {1}, per_image  # before the cache: every quantum 4-5 times
 
 
 # -- the pool against one image at a time -------------------------------------------------------------

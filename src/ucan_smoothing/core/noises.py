@@ -191,7 +191,7 @@ class Gaussian(Noise):
     name = "gaussian"
 
     def sample(self, shape, *, generator=None, device=None, dtype=None):
-        return self.scale * torch.randn(shape, generator=generator, device=device, dtype=dtype)
+        return torch.randn(shape, generator=generator, device=device, dtype=dtype).mul_(self.scale)
 
     def _binary_radii(self, p, dim):
         return {2: self.scale * _normal.ppf(p)}

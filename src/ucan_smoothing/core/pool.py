@@ -37,14 +37,16 @@ last bits; a vote then changes only where the top two logits are that close
 (a tie broken by rounding), and a row only through such votes.
 
 Memory does not grow with ``n``: only vote counts are kept, plus one input
-and one test per image in flight.
+and one test per image in flight, and at most about one batch of noise in
+quanta left part-used (:class:`QuantumCache`: a stream whose draw ends inside a
+quantum continues it next time instead of drawing it again).
 """
 
 from __future__ import annotations
 
 import hashlib
 import time
-from collections import deque
+from collections import OrderedDict, deque
 from dataclasses import dataclass, field
 from typing import NamedTuple
 
@@ -103,12 +105,46 @@ def quantum_seed(seed: int, idx: int, quantum: int) -> int:
     return _fmix32((start + quantum * step) & _MASK32)
 
 
-class ImageStream:
-    """The noise stream of one image: ``draw(start, stop)`` gives its samples ``start..stop-1``."""
+class QuantumCache:
+    """Quanta drawn but not used to their end, kept for the draw that continues them.
 
-    def __init__(self, noise, seed: int, idx: int, shape: tuple, device, dtype):
+    A batch smaller than a quantum, or a stage that ends inside one, would otherwise
+    draw the same quantum again for the next samples of the stream (at batch 128 every
+    quantum twice). At most ``capacity`` quanta are kept, the least recently kept
+    dropped first, so the memory is bounded by about one batch of noise; a dropped
+    quantum is drawn again, bit-identical, so the cache changes the cost, never a sample.
+    """
+
+    def __init__(self, capacity: int):
+        self.capacity = max(1, int(capacity))
+        self._entries: OrderedDict = OrderedDict()
+
+    @classmethod
+    def for_batch(cls, batch_size: int) -> "QuantumCache":
+        return cls(max(2, -(-batch_size // QUANTUM)))
+
+    def take(self, key):
+        return self._entries.pop(key, None)
+
+    def keep(self, key, quantum: torch.Tensor) -> None:
+        self._entries[key] = quantum
+        while len(self._entries) > self.capacity:
+            self._entries.popitem(last=False)
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+
+class ImageStream:
+    """The noise stream of one image: ``draw(start, stop)`` gives its samples ``start..stop-1``.
+
+    With a :class:`QuantumCache` (the pool shares one among its images), a quantum left
+    part-used by one draw is continued by the next instead of drawn again."""
+
+    def __init__(self, noise, seed: int, idx: int, shape: tuple, device, dtype, cache: QuantumCache | None = None):
         self.noise, self.shape, self.device, self.dtype = noise, tuple(shape), torch.device(device), dtype
         self.start, self.step = _image_key(seed, idx)
+        self.cache = cache
 
     def _quantum(self, j: int) -> torch.Tensor:
         generator = torch.Generator(device=self.device)
@@ -120,7 +156,12 @@ class ImageStream:
         offset = 0
         for j in range(start // QUANTUM, (stop - 1) // QUANTUM + 1):
             low, high = max(start, j * QUANTUM), min(stop, (j + 1) * QUANTUM)
-            out[offset:offset + high - low] = self._quantum(j)[low - j * QUANTUM:high - j * QUANTUM]
+            quantum = self.cache.take((self, j)) if self.cache is not None else None
+            if quantum is None:
+                quantum = self._quantum(j)
+            out[offset:offset + high - low] = quantum[low - j * QUANTUM:high - j * QUANTUM]
+            if self.cache is not None and high < (j + 1) * QUANTUM:
+                self.cache.keep((self, j), quantum)  # the stream's next draw starts at ``high``
             offset += high - low
 
     def draw(self, start: int, stop: int) -> torch.Tensor:
@@ -371,6 +412,7 @@ class _Pool:
         self.order: deque = deque()  # images not yet yielded, in admission order
         self.seen: set = set()
         self.shape = None
+        self.cache = QuantumCache.for_batch(batch_size)
 
     def results(self):
         while True:
@@ -410,7 +452,8 @@ class _Pool:
         elif shape != self.shape:
             raise ValueError(f"image {idx} has shape {shape} but the images before it {self.shape}: "
                              "the pool batches images of one shape")
-        slot = _Slot(idx, xs, None, ImageStream(self.smooth.noise, self.seed, idx, shape, xs.device, xs.dtype))
+        slot = _Slot(idx, xs, None, ImageStream(self.smooth.noise, self.seed, idx, shape, xs.device, xs.dtype,
+                                                 self.cache))
         started = time.perf_counter()
         slot.job = self.make_job(idx, xs)
         slot.seconds += time.perf_counter() - started
