@@ -32,7 +32,7 @@ def test_bench_reports_each_figure_against_the_best_raw_forward(tmp_path, capsys
     assert {m["batch_size"] for m in result["probe"]["measurements"]} <= {50, 100}
     expected = {"raw forward, batch 50", "raw forward, batch 100", "certify, batch 50", "certify, batch 100",
                 f"raw forward, model as given (NCHW), batch {probe}", f"raw forward + noise draw, batch {probe}",
-                f"Cohen-style loop, batch {probe}",
+                f"Cohen-style loop, batch {probe}", f"ucan certify's pool, batch {probe}",
                 f"certify, fixed sigma, batch {probe}", f"certify + NPG, batch {probe}"}
     assert expected <= set(result["figures"])
     for name, figure in result["figures"].items():
@@ -44,6 +44,10 @@ def test_bench_reports_each_figure_against_the_best_raw_forward(tmp_path, capsys
     assert result["summary"]["raw limit"]["samples_per_s"] == max(raws)
     assert result["summary"]["raw limit"]["ratio_to_raw_limit"] == 1.0
     assert result["summary"]["ucan certify at the probe's batch"]["batch_size"] == probe
+    # the figure called ucan certify is the path `ucan certify` runs (the pool), not Smooth.certify
+    assert (result["summary"]["ucan certify at the probe's batch"]["samples_per_s"]
+            == result["figures"][f"ucan certify's pool, batch {probe}"]["samples_per_s"])
+    assert result["summary"]["Smooth.certify at the probe's batch"]["batch_size"] == probe
     conditions = result["conditions"]
     assert conditions["threads"] == 1 and conditions["device"] == "cpu" and conditions["rounds"] == 2
     assert conditions["batch_sizes"] == [50, 100] and len(conditions["load_average_start"]) == 3

@@ -6,6 +6,8 @@ runs it), input and device, at each batch size of ``--batch-sizes``:
 1. raw forward: ``model(noisy_batch)`` on a batch made once; the best over the
    batch sizes is the limit every figure is compared with;
 2. ``Smooth.certify`` (noise drawn on the device, votes counted per batch);
+   at the probe's batch also the pool that `ucan certify` runs for fixed noise
+   (``core.pool.certify_pool``: per-image noise streams in quanta);
 3. IBM ART's ``PyTorchRandomizedSmoothing.certify``, when the optional package
    ``adversarial-robustness-toolbox`` is installed (also at ART's own default
    batch size, on the model as given: what an ART user runs).
@@ -44,6 +46,7 @@ import torch
 
 from ..core.batch_size import default_candidates, fastest_batch_size
 from ..core.noises import Gaussian
+from ..core.pool import certify_pool
 from ..core.smooth import Smooth
 from ..fileio import atomic_write_text
 from ..allocator import malloc_state
@@ -211,6 +214,18 @@ def _certify(net, spec, noise, x, args, batch):
     return run
 
 
+def _certify_pooled(net, spec, noise, x, args, batch):
+    """What `ucan certify` runs for fixed noise: the pool (core/pool.py), one noise stream per
+    image in quanta, the votes counted per image."""
+    smooth = Smooth(net, spec.num_classes, noise)
+
+    def run():
+        for _ in certify_pool(smooth, [(0, x)], args.n0, args.n, 0.001, seed=args.seed, batch_size=batch):
+            pass
+        _synchronize(args.device)
+    return run
+
+
 def _art_certify(classifier, x, args, batch):
     image = x[None].cpu().numpy()
     return lambda: classifier.certify(image, n=args.n, batch_size=batch)
@@ -368,6 +383,8 @@ def run(args) -> int:
     methods.append(Method(f"raw forward + noise draw, batch {probe_batch}",
                           _forward_with_fresh_noise(model, x, noise, samples, probe_batch, args.device),
                           processed, probe_batch))
+    methods.append(Method(f"ucan certify's pool, batch {probe_batch}",
+                          _certify_pooled(model, spec, noise, x, args, probe_batch), samples, probe_batch))
     methods.append(Method(f"Cohen-style loop, batch {probe_batch}",
                           lambda: cohen_reference_certify(model, x, args.scale, args.n0, args.n, probe_batch,
                                                           spec.num_classes), samples, probe_batch))
@@ -412,7 +429,8 @@ def run(args) -> int:
     _print_table(report)
     print("summary (the raw limit is the best raw forward pass over the batch sizes):")
     report.figure("raw limit", limit.name)
-    ours = report.figure("ucan certify at the probe's batch", f"certify, batch {probe_batch}")
+    ours = report.figure("ucan certify at the probe's batch", f"ucan certify's pool, batch {probe_batch}")
+    report.figure("Smooth.certify at the probe's batch", f"certify, batch {probe_batch}")
     report.figure("certify at the best raw batch", f"certify, batch {limit.batch}")
     report.figure("Cohen-style loop", f"Cohen-style loop, batch {probe_batch}")
     if art is not None:
