@@ -45,6 +45,30 @@ def test_channels_last_keeps_the_outputs(name):
     torch.testing.assert_close(after, before, rtol=1e-4, atol=1e-4)
 
 
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_mnist_cnn_pools_before_its_relu_with_the_same_outputs_and_gradients(channels_last):
+    """ReLU after max-pool (a quarter of the values) is the textbook ReLU-then-pool, exactly."""
+    import torch.nn.functional as F
+
+    model = build_model("mnist_cnn")
+    if channels_last:
+        models.to_channels_last(model)
+    x = torch.randn(16, 1, 28, 28)
+
+    def textbook(x):
+        h = model.normalize(x)
+        h = F.max_pool2d(F.relu(model.conv1(h)), 2)
+        h = F.max_pool2d(F.relu(model.conv2(h)), 2)
+        return model.fc2(F.relu(model.fc1(torch.flatten(h, 1))))
+
+    out, reference = model(x), textbook(x)
+    assert torch.equal(out, reference)
+    grads = torch.autograd.grad(out.sum(), list(model.parameters()))
+    reference_grads = torch.autograd.grad(reference.sum(), list(model.parameters()))
+    for grad, reference_grad in zip(grads, reference_grads):
+        torch.testing.assert_close(grad, reference_grad, rtol=1e-5, atol=1e-6)
+
+
 def test_autocast_wrapper_returns_float32_logits_close_to_the_model():
     model = build_model("mnist_cnn").eval()
     x = torch.rand(4, 1, 28, 28)
