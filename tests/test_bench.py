@@ -5,6 +5,7 @@ Timings are not asserted (shared machines are noisy): the benchmark prints them.
 """
 
 import json
+import os
 
 import pytest
 
@@ -51,7 +52,8 @@ def test_bench_reports_each_figure_against_the_best_raw_forward(tmp_path, capsys
     conditions = result["conditions"]
     assert conditions["threads"] == 1 and conditions["device"] == "cpu" and conditions["rounds"] == 2
     assert conditions["batch_sizes"] == [50, 100] and len(conditions["load_average_start"]) == 3
-    assert "load average" in printed and "NPG overhead" in printed
+    assert "load average" in printed and "NPG overhead" in printed and "other processes" in printed
+    assert all(use is None or use >= 0 for use in (conditions["other_cpu_use_start"], conditions["other_cpu_use_end"]))
     assert result["memory"] == {}
 
 
@@ -143,3 +145,39 @@ def test_art_at_its_default_and_at_every_batch_size(tmp_path, no_memory_probe):
             "ART certify, model as given (NCHW), batch 32"} <= set(result["figures"])
     assert result["summary"]["ART at its default batch"]["batch_size"] == 32
     assert result["summary"]["ART at its best batch"]["batch_size"] in (32, 50, 100)
+
+
+def test_other_cpu_use_counts_busy_time_of_all_cpus_between_two_reads():
+    from ucan_smoothing.commands.bench import other_cpu_use
+
+    # (busy, total) jiffies summed over the CPUs: 30 of 100 busy while the benchmark slept
+    reads = iter([(1_000, 5_000), (1_030, 5_100)])
+    slept = []
+    use = other_cpu_use(0.5, read=lambda: next(reads), sleep=slept.append)
+    assert slept == [0.5] and use == pytest.approx(0.3 * (os.cpu_count() or 1))
+    # no /proc/stat (not Linux), or a counter that did not move: not measurable, not zero
+    assert other_cpu_use(0.0, read=lambda: None, sleep=lambda s: None) is None
+    same = iter([(10, 20), (10, 20)])
+    assert other_cpu_use(0.0, read=lambda: next(same), sleep=lambda s: None) is None
+
+
+def test_cpu_times_reads_this_machines_counters():
+    from ucan_smoothing.commands.bench import _cpu_times
+
+    times = _cpu_times()
+    if times is None:
+        pytest.skip("no /proc/stat here")
+    busy, total = times
+    assert 0 <= busy <= total and total > 0
+
+
+@pytest.mark.parametrize("others, loadavg, warned", [(0.0, 9.0, False), (1.5, 0.0, True)])
+def test_the_competition_warning_follows_other_processes_cpu_use_not_the_load_average(
+        capsys, monkeypatch, no_memory_probe, others, loadavg, warned):
+    # the 1-minute load average still holds a run that just finished: it warned on quiet machines
+    monkeypatch.setattr(bench, "other_cpu_use", lambda *args, **kwargs: others)
+    monkeypatch.setattr(bench.os, "getloadavg", lambda: (loadavg, loadavg, loadavg))
+    assert main(SMALL + ["--rounds", "1"]) == 0
+    printed = capsys.readouterr().out
+    assert f"other processes used {others:.2f} CPUs in the second before" in printed
+    assert ("compete for the machine" in printed) == warned

@@ -22,7 +22,9 @@ beforehand). ``--amp`` adds the raw forward and certify sweeps under autocast.
 Every figure is timed once per round; rounds alternate the order of the
 methods (A B ... B A) and the median over rounds is reported with its spread
 ((max - min) / median). A WARNING line flags a spread above 5%, a ratio above
-1 to the raw limit and a negative overhead: those are measurement noise.
+1 to the raw limit and a negative overhead: those are measurement noise. The CPU
+time other processes use in the second before and after the run (``/proc/stat``,
+while the benchmark sleeps) is printed, and flagged above a quarter of a CPU.
 ``--memory-probe`` measures the peak memory of certify for n = 10,000 and
 100,000 in fresh subprocesses.
 """
@@ -262,13 +264,50 @@ def _time_rounds(methods, rounds) -> None:
             method.rates.append(method.samples / (time.perf_counter() - start))
 
 
+#: other processes using more than this many CPUs' worth around the run get a WARNING
+OTHER_CPU_WARN = 0.25
+
+
+def _cpu_times() -> tuple | None:
+    """(busy, total) jiffies of all CPUs from /proc/stat, or None where there is none."""
+    try:
+        with open("/proc/stat") as stat:
+            fields = [int(v) for v in stat.readline().split()[1:]]
+    except (OSError, ValueError):
+        return None
+    idle = fields[3] + (fields[4] if len(fields) > 4 else 0)  # idle + iowait
+    total = sum(fields[:8])  # guest time is already counted in user
+    return total - idle, total
+
+
+def other_cpu_use(seconds: float = 1.0, read=_cpu_times, sleep=time.sleep) -> float | None:
+    """CPUs' worth of work done by other processes over ``seconds`` while this one sleeps.
+
+    Why not the load average: its 1-minute mean still holds work that finished just before (a
+    previous benchmark run, paused jobs), so it flagged quiet machines as loaded."""
+    before = read()
+    sleep(seconds)
+    after = read()
+    if before is None or after is None or after[1] <= before[1]:
+        return None
+    return (after[0] - before[0]) / (after[1] - before[1]) * (os.cpu_count() or 1)
+
+
 def _conditions(args, sizes) -> dict:
     device_name = (torch.cuda.get_device_name(torch.device(args.device))
                    if args.device.startswith("cuda") else platform.processor() or platform.machine())
     return {"model": args.model, "device": args.device, "device_name": device_name,
             "threads": torch.get_num_threads(), "cpu_count": os.cpu_count(), "batch_sizes": list(sizes),
             "rounds": args.rounds, "n0": args.n0, "n": args.n, "scale": args.scale, "amp": args.amp,
-            "load_average_start": list(os.getloadavg()), "torch": torch.__version__, "malloc": malloc_state()}
+            "load_average_start": list(os.getloadavg()), "other_cpu_use_start": other_cpu_use(),
+            "torch": torch.__version__, "malloc": malloc_state()}
+
+
+def _other_use_text(conditions: dict) -> str:
+    start, end = conditions["other_cpu_use_start"], conditions["other_cpu_use_end"]
+    if start is None or end is None:
+        return "other processes' CPU use not measurable here"
+    return f"other processes used {start:.2f} CPUs in the second before and {end:.2f} in the second after"
 
 
 class Report:
@@ -418,13 +457,15 @@ def run(args) -> int:
     _time_rounds(methods, args.rounds)
     methods = {method.name: method for method in methods}
     conditions["load_average_end"] = list(os.getloadavg())
+    conditions["other_cpu_use_end"] = other_cpu_use()
 
     report = Report(methods)
     limit = report.limit()
     print(f"model {args.model}, device {args.device} ({conditions['device_name']}), "
           f"{conditions['threads']} threads of {conditions['cpu_count']} CPUs, n0 {args.n0} + n {args.n}, "
           f"median of {args.rounds} alternating rounds, load average {conditions['load_average_start'][0]:.2f} "
-          f"at the start and {conditions['load_average_end'][0]:.2f} at the end, torch {torch.__version__}, malloc: {conditions['malloc']}")
+          f"at the start and {conditions['load_average_end'][0]:.2f} at the end, {_other_use_text(conditions)}, "
+          f"torch {torch.__version__}, malloc: {conditions['malloc']}")
     print(f"batch-size probe: batch {probe_batch} in {probe_seconds:.1f} s ({len(probe_measurements)} measurements)")
     _print_table(report)
     print("summary (the raw limit is the best raw forward pass over the batch sizes):")
@@ -453,9 +494,13 @@ def run(args) -> int:
         report.figure(f"ucan certify + {args.amp} at the probe's batch", f"certify + {args.amp}, batch {amp_probe}")
     overhead = report.npg_overhead(f"certify, fixed sigma, batch {probe_batch}", f"certify + NPG, batch {probe_batch}")
     report.check_noise()
-    if conditions["load_average_start"][0] > (conditions["cpu_count"] or 1):
+    others = [use for use in (conditions["other_cpu_use_start"], conditions["other_cpu_use_end"]) if use is not None]
+    if others and max(others) > OTHER_CPU_WARN:
+        report.warnings.append(f"{_other_use_text(conditions)} of {conditions['cpu_count']}: other processes "
+                               f"compete for the machine")
+    elif not others and conditions["load_average_start"][0] > (conditions["cpu_count"] or 1):
         report.warnings.append(f"load average {conditions['load_average_start'][0]:.2f} on {conditions['cpu_count']}"
-                               f" CPUs: other processes compete for the machine")
+                               f" CPUs: other processes may compete for the machine")
     print("\n".join(report.lines))
     for warning in report.warnings:
         print(f"WARNING: {warning}")
