@@ -153,8 +153,12 @@ def test_other_cpu_use_counts_busy_time_of_all_cpus_between_two_reads():
     # (busy, total) jiffies summed over the CPUs: 30 of 100 busy while the benchmark slept
     reads = iter([(1_000, 5_000), (1_030, 5_100)])
     slept = []
-    use = other_cpu_use(0.5, read=lambda: next(reads), sleep=slept.append)
+    use = other_cpu_use(0.5, read=lambda: next(reads), sleep=slept.append, own=lambda: 0.0)
     assert slept == [0.5] and use == pytest.approx(0.3 * (os.cpu_count() or 1))
+    # this process's own threads spinning in the window are not "other processes"
+    reads = iter([(1_000, 5_000), (1_000 + 50 * (os.cpu_count() or 1), 5_100)])  # half of every CPU busy
+    clock = iter([0.0, 1e9])  # our own CPU time: far more than the window, so all of it was ours
+    assert other_cpu_use(0.0, read=lambda: next(reads), sleep=lambda s: None, own=lambda: next(clock)) == 0.0
     # no /proc/stat (not Linux), or a counter that did not move: not measurable, not zero
     assert other_cpu_use(0.0, read=lambda: None, sleep=lambda s: None) is None
     same = iter([(10, 20), (10, 20)])

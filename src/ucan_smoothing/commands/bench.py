@@ -280,17 +280,21 @@ def _cpu_times() -> tuple | None:
     return total - idle, total
 
 
-def other_cpu_use(seconds: float = 1.0, read=_cpu_times, sleep=time.sleep) -> float | None:
+def other_cpu_use(seconds: float = 1.0, read=_cpu_times, sleep=time.sleep, own=time.process_time) -> float | None:
     """CPUs' worth of work done by other processes over ``seconds`` while this one sleeps.
 
-    Why not the load average: its 1-minute mean still holds work that finished just before (a
-    previous benchmark run, paused jobs), so it flagged quiet machines as loaded."""
-    before = read()
+    This process's own CPU time in the window (worker threads still spinning after the timed
+    rounds) is subtracted. Why not the load average: its 1-minute mean still holds work that
+    finished just before (a previous benchmark run, paused jobs), so it flagged quiet machines."""
+    before, own_before, wall_before = read(), own(), time.perf_counter()
     sleep(seconds)
-    after = read()
+    after, own_after, wall = read(), own(), time.perf_counter() - wall_before
     if before is None or after is None or after[1] <= before[1]:
         return None
-    return (after[0] - before[0]) / (after[1] - before[1]) * (os.cpu_count() or 1)
+    cpus = os.cpu_count() or 1
+    machine = (after[0] - before[0]) / (after[1] - before[1]) * cpus
+    mine = (own_after - own_before) / wall if wall > 0 else 0.0
+    return max(0.0, machine - mine)
 
 
 def _conditions(args, sizes) -> dict:

@@ -37,9 +37,10 @@ last bits; a vote then changes only where the top two logits are that close
 (a tie broken by rounding), and a row only through such votes.
 
 Memory does not grow with ``n``: only vote counts are kept, plus one input
-and one test per image in flight, and at most about one batch of noise in
+and one test per image in flight, and at most ``max(2, ceil(batch / QUANTUM))``
 quanta left part-used (:class:`QuantumCache`: a stream whose draw ends inside a
-quantum continues it next time instead of drawing it again).
+quantum continues it next time instead of drawing it again; about one batch of
+noise for batches of 512 and more, two quanta below that).
 """
 
 from __future__ import annotations
@@ -111,7 +112,8 @@ class QuantumCache:
     A batch smaller than a quantum, or a stage that ends inside one, would otherwise
     draw the same quantum again for the next samples of the stream (at batch 128 every
     quantum twice). At most ``capacity`` quanta are kept, the least recently kept
-    dropped first, so the memory is bounded by about one batch of noise; a dropped
+    dropped first (``for_batch``: ``max(2, ceil(batch / QUANTUM))``, so about one batch
+    of noise, or two quanta for batches under ``2 * QUANTUM``); a dropped
     quantum is drawn again, bit-identical, so the cache changes the cost, never a sample.
     """
 
