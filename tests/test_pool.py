@@ -168,10 +168,9 @@ def test_rows_do_not_depend_on_batch_size_or_pool_size(mode):
     reference = one_at_a_time(smooth, INPUTS, make_job, seed=3)
     assert len({repr(result) for _, result in reference}) > 1
     for batch_size, pool_size in [(7, 1), (7, 16), *((b, p) for b in (64, 1000) for p in (1, 3, 16, None))]:
-        if True:
-            rows = list(run_pool(smooth, INPUTS, make_job, seed=3, batch_size=batch_size, pool_size=pool_size))
-            assert [(row.idx, row.result) for row in rows] == reference, (batch_size, pool_size)
-            assert all(row.seconds >= 0 for row in rows)
+        rows = list(run_pool(smooth, INPUTS, make_job, seed=3, batch_size=batch_size, pool_size=pool_size))
+        assert [(row.idx, row.result) for row in rows] == reference, (batch_size, pool_size)
+        assert all(row.seconds >= 0 for row in rows)
 
 
 @pytest.mark.parametrize("mode", ["certify", "radius", "grid"])
