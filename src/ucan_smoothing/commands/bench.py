@@ -500,8 +500,8 @@ def run(args) -> int:
     report.check_noise()
     others = [use for use in (conditions["other_cpu_use_start"], conditions["other_cpu_use_end"]) if use is not None]
     if others and max(others) > OTHER_CPU_WARN:
-        report.warnings.append(f"{_other_use_text(conditions)} of {conditions['cpu_count']}: other processes "
-                               f"compete for the machine")
+        report.warnings.append(f"other processes used up to {max(others):.2f} of {conditions['cpu_count']} CPUs "
+                               f"around the run: they compete for the machine")
     elif not others and conditions["load_average_start"][0] > (conditions["cpu_count"] or 1):
         report.warnings.append(f"load average {conditions['load_average_start'][0]:.2f} on {conditions['cpu_count']}"
                                f" CPUs: other processes may compete for the machine")
