@@ -67,6 +67,10 @@ def parse_args(argv=None):
     parser.add_argument("--npg-epochs", type=int, default=2)
     parser.add_argument("--attack-rows", type=int, default=50)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--methods", nargs="+", choices=[folder for _, folder, _, _ in METHODS],
+                        default=[folder for _, folder, _, _ in METHODS],
+                        help="the methods to run and report, by run folder (default: all); the isotropic "
+                             "classifier is trained whatever is chosen, as every NPG starts from it")
     parser.add_argument("--quick", action="store_true", help="tiny protocol to check the pipeline")
     parser.add_argument("--report-only", action="store_true",
                         help="write the tables from the finished files only: train, certify and attack nothing "
@@ -157,6 +161,8 @@ def main(argv=None) -> int:
         # each method is trained just before it is certified and its row written at once, so an
         # interrupted run leaves the rows it finished (and resumes from there)
         for method, folder, mode, kind in METHODS:
+            if folder not in args.methods:
+                continue
             run = where / folder
             if kind is not None and not args.report_only:
                 train(run, "npg", *kind, *base)
