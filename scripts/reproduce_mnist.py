@@ -88,6 +88,36 @@ def attack_counts(summary: Path) -> str:
     return f"{info['violations']} of {info['attacked']}"
 
 
+def curve_panels(panels: dict, path: Path) -> None:
+    """One panel per ``(title, x label)`` key, a certified-accuracy curve per method: ``panels[key]``
+    maps a method to ``(radii, accuracies)``. The paper mode is dashed and labelled NOT a certificate;
+    a curve known only at a few radii (a grid-mode table) is drawn with markers."""
+    import math
+
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    columns = min(4, len(panels))
+    rows = math.ceil(len(panels) / columns)
+    fig, axes = plt.subplots(rows, columns, figsize=(4 * columns, 3.2 * rows), squeeze=False)
+    for ax, ((title, xlabel), curves) in zip(axes.flat, panels.items()):
+        for method, (radii, accuracy) in curves.items():
+            style = ("--" if method == "paper mode" else "-") + ("o" if len(radii) <= 20 else "")
+            label = method + (" (NOT a certificate)" if method == "paper mode" else "")
+            ax.plot(radii, accuracy, style, label=label, markersize=3)
+        ax.set_title(title)
+        ax.set_xlabel(xlabel)
+        ax.set_ylabel("certified accuracy")
+        ax.set_ylim(0, 1)
+    for ax in list(axes.flat)[len(panels):]:
+        ax.axis("off")
+    axes.flat[0].legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
 def train_once(ucan: Runner, run: Path, *options: str) -> None:
     """``ucan train OPTIONS --out RUN``, unless RUN is finished; resumed when it has a checkpoint."""
     if (run / "final.pt").is_file():

@@ -18,7 +18,8 @@ for any ``p_lower < 1`` are left out of its grid (reported 0, as fixed n would).
 and elastic_sigma have per-input noise, which the grid cannot plan for: they run fixed-n CERTIFY
 at n = 100,000 on the first ``--fixed-images`` of the same images (said so in the table).
 ``ucan attack`` (PGD in the l2 ball, PREDICT n = 2,000 at the attacked point) runs on the first
-``--attack-rows`` rows of every file. Resumable; commands in ``<out>/commands.txt``; the tables in ``<out>/table2.md``.
+``--attack-rows`` rows of every file. Resumable; commands in ``<out>/commands.txt``; the tables in
+``<out>/table2.md``, the certified-accuracy curves (a panel per level) in ``<out>/table2.png``.
 
     python scripts/reproduce_table2.py --out runs/table2                 # hours on 2 CPU cores
     python scripts/reproduce_table2.py --out /tmp/t --quick              # minutes: the pipeline
@@ -33,7 +34,7 @@ from pathlib import Path
 from scipy.stats import binomtest
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from reproduce_mnist import Reproduction, attack_counts  # noqa: E402
+from reproduce_mnist import Reproduction, attack_counts, curve_panels  # noqa: E402
 
 from ucan_smoothing.core.grid import largest_certifiable_radius  # noqa: E402
 from ucan_smoothing.results import read_results  # noqa: E402
@@ -109,10 +110,13 @@ def paired_row(label: str, path: Path, baseline: Path) -> str:
     return f"| {label} | " + " | ".join(cells) + " |"
 
 
-def table_row(label: str, guarantee: str, path: Path, column: str, attack: str) -> str:
-    rows = read_results(path)
-    cells = " | ".join(f"{100 * sum(certified_at(row, column, r) for row in rows) / len(rows):.1f}"
-                       for r in TABLE_RADII)
+def certified_accuracy(rows: list, column: str) -> list:
+    """The fraction of ``rows`` correct and certified at each radius of :data:`TABLE_RADII`."""
+    return [sum(certified_at(row, column, r) for row in rows) / len(rows) for r in TABLE_RADII]
+
+
+def table_row(label: str, guarantee: str, rows: list, column: str, attack: str) -> str:
+    cells = " | ".join(f"{100 * accuracy:.1f}" for accuracy in certified_accuracy(rows, column))
     mean_samples = sum(row.get("samples_used", 0) or 0 for row in rows) / len(rows)
     samples = f"{mean_samples:,.0f}" if column == "grid_radius" else "fixed"
     return f"| {label} | {guarantee} | {len(rows)} | {samples} | {cells} | {attack} |"
@@ -145,6 +149,7 @@ def main(argv=None) -> int:
               "noise reaches less in l2 (its smallest sigma sets the l2 radius). "
               "`mean samples`: model calls per image of the grid mode, selection included. Attack: violations among "
               "the attacked rows.", ""]
+    curves = {}
     for level in args.levels:
         where = out / f"g{level:g}"
         noise = ["--noise", "gaussian", "--scale", f"{level:g}"]
@@ -180,7 +185,10 @@ def main(argv=None) -> int:
                 continue
             if not done:
                 ucan("certify", str(run), "--out", str(path), *options, "--max", str(count), *common)
-            report.append(table_row(method, guarantee, path, column, attack(path)))
+            rows = read_results(path)
+            report.append(table_row(method, guarantee, rows, column, attack(path)))
+            curves.setdefault((f"MNIST, Gaussian lambda = {level:g}", "l2 radius"), {})[method] = (
+                TABLE_RADII, certified_accuracy(rows, column))
             if mode == "grid":
                 grids[method] = path
             (out / "table2.md").write_text("\n".join(report) + "\n")
@@ -193,6 +201,8 @@ def main(argv=None) -> int:
                        if method != "isotropic"]
         report.append("")
         (out / "table2.md").write_text("\n".join(report) + "\n")
+    if curves:
+        curve_panels(curves, out / "table2.png")
     print((out / "table2.md").read_text())
     return 0
 

@@ -33,7 +33,7 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from reproduce_mnist import Reproduction, attack_counts  # noqa: E402
+from reproduce_mnist import Reproduction, attack_counts, curve_panels  # noqa: E402
 
 from ucan_smoothing.core.noises import FAMILIES as NOISE_CLASSES  # noqa: E402
 from ucan_smoothing.core.norms import norm_name  # noqa: E402
@@ -151,7 +151,8 @@ def main(argv=None) -> int:
                                     f"{attack_text(path, norm)} |")
                         acrs[method] = acr
                         grid = [radii[-1] * 1.2 * k / 100 for k in range(101)]
-                        curves.setdefault((dataset, variance, family, norm), {})[method] = (
+                        panel = (f"{dataset} {family} v={variance:g}: {norm}", f"{norm} radius")
+                        curves.setdefault(panel, {})[method] = (
                             grid, [certified_accuracy(rows, norm, r) for r in grid])
                     body.append("")
                     best = max(("isotropic", "pattern", "universal"), key=acrs.get)
@@ -159,7 +160,7 @@ def main(argv=None) -> int:
                                    + " | ".join(f"{acrs[m]:.4g}" for m in METHODS)
                                    + f" | {best} | {attack_text(files['paper mode'], norm)} |")
                 (out / "universality.md").write_text("\n".join(report + summary_table(summary) + body) + "\n")
-    figure(curves, out / "universality.png")
+    curve_panels(curves, out / "universality.png")
     print((out / "universality.md").read_text())
     return 0
 
@@ -171,34 +172,6 @@ def summary_table(lines: list) -> list:
             "| data set | family | variance | norm | ACR isotropic | ACR pattern | ACR universal "
             "| ACR paper mode (NOT a certificate) | largest proven ACR | attack on the paper mode |",
             "|---|---|---|---|---|---|---|---|---|---|", *lines, ""]
-
-
-def figure(curves: dict, path: Path) -> None:
-    """Figure 5's shape: a panel per (family, norm), a certified-accuracy curve per method."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    panels = list(curves)
-    columns = min(4, len(panels))
-    rows = math.ceil(len(panels) / columns)
-    fig, axes = plt.subplots(rows, columns, figsize=(4 * columns, 3.2 * rows), squeeze=False)
-    for ax, key in zip(axes.flat, panels):
-        dataset, variance, family, norm = key
-        for method, (grid, accuracy) in curves[key].items():
-            style = "--" if method == "paper mode" else "-"
-            label = method + (" (NOT a certificate)" if method == "paper mode" else "")
-            ax.plot(grid, accuracy, style, label=label)
-        ax.set_title(f"{dataset} {family} v={variance:g}: {norm}")
-        ax.set_xlabel(f"{norm} radius")
-        ax.set_ylabel("certified accuracy")
-        ax.set_ylim(0, 1)
-    for ax in list(axes.flat)[len(panels):]:
-        ax.axis("off")
-    axes.flat[0].legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
 
 
 if __name__ == "__main__":
