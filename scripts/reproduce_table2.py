@@ -94,7 +94,7 @@ def certified_at(row: dict, column: str, radius: float) -> bool:
     return bool(row["correct"]) and row["predict"] != -1 and row[column] >= radius
 
 
-PAIRED_RADII = (0.5, 1.0, 1.5)
+PAIRED_RADII = (0.25, 0.5, 0.75, 1.0, 1.5, 2.0)
 
 
 def paired_row(label: str, path: Path, baseline: Path) -> str:

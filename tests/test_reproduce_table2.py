@@ -61,6 +61,8 @@ def test_report_from_finished_files_has_the_rows_the_pairing_and_the_figure(tmp_
     assert cells["isotropic"][:9] == ["proven", "4", "1,000", "75.0", "50.0", "25.0", "25.0", "25.0", "0.0"]
     assert cells["isotropic"][-1] == "0 of 3"
     assert cells["pattern"][:8] == ["proven", "4", "3,000", "100.0", "100.0", "100.0", "0.0", "0.0"]
-    # paired at 0.5 / 1 / 1.5: pattern alone certifies images 20, 40, 60 at 0.5; isotropic alone image 0 at 1
-    assert "| pattern | 3 / 0 (p 0.25) | 0 / 1 (p 1) | 0 / 0 (p 1) |" in report
+    # paired at 0.25 / 0.5 / 0.75 / 1 / 1.5 / 2: pattern alone certifies images 40, 60 at 0.25 and 20, 40, 60
+    # at 0.5; isotropic alone image 0 at 0.75 and 1
+    assert ("| pattern | 2 / 0 (p 0.5) | 3 / 0 (p 0.25) | 0 / 1 (p 1) | 0 / 1 (p 1) | 0 / 0 (p 1) | 0 / 0 (p 1) |"
+            in report)
     assert (tmp_path / "table2.png").stat().st_size > 1000
