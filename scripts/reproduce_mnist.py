@@ -101,18 +101,24 @@ def curve_panels(panels: dict, path: Path) -> None:
     columns = min(4, len(panels))
     rows = math.ceil(len(panels) / columns)
     fig, axes = plt.subplots(rows, columns, figsize=(4 * columns, 3.2 * rows), squeeze=False)
+    # one colour per method in every panel (a panel may lack a method), one legend for all
+    methods = list(dict.fromkeys(method for curves in panels.values() for method in curves))
+    colours = {method: f"C{k % 10}" for k, method in enumerate(methods)}
     for ax, ((title, xlabel), curves) in zip(axes.flat, panels.items()):
         for method, (radii, accuracy) in curves.items():
             style = ("--" if method == "paper mode" else "-") + ("o" if len(radii) <= 20 else "")
             label = method + (" (NOT a certificate)" if method == "paper mode" else "")
-            ax.plot(radii, accuracy, style, label=label, markersize=3)
+            ax.plot(radii, accuracy, style, color=colours[method], label=label, markersize=3)
         ax.set_title(title)
         ax.set_xlabel(xlabel)
         ax.set_ylabel("certified accuracy")
         ax.set_ylim(0, 1)
     for ax in list(axes.flat)[len(panels):]:
         ax.axis("off")
-    axes.flat[0].legend(fontsize=7)
+    handles = {}
+    for ax in axes.flat:
+        handles.update(zip(*reversed(ax.get_legend_handles_labels())))
+    axes.flat[0].legend(list(handles.values()), list(handles), fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)

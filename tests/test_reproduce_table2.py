@@ -66,3 +66,22 @@ def test_report_from_finished_files_has_the_rows_the_pairing_and_the_figure(tmp_
     assert ("| pattern | 2 / 0 (p 0.5) | 3 / 0 (p 0.25) | 0 / 1 (p 1) | 0 / 1 (p 1) | 0 / 0 (p 1) | 0 / 0 (p 1) |"
             in report)
     assert (tmp_path / "table2.png").stat().st_size > 1000
+
+
+def test_a_method_keeps_its_colour_in_every_panel(tmp_path, monkeypatch):
+    """The legend sits in the first panel only: a method missing from one panel must not shift the
+    colours of the methods after it in that panel."""
+    import matplotlib.pyplot as plt
+
+    from reproduce_mnist import curve_panels
+
+    figures = []
+    monkeypatch.setattr(plt, "close", figures.append)
+    radii = [0.0, 0.5]
+    curve_panels({("all", "l2 radius"): {m: (radii, [1.0, 0.5]) for m in ("isotropic", "noisy_shift", "lipschitz_shift")},
+                  ("one missing", "l2 radius"): {m: (radii, [1.0, 0.5]) for m in ("isotropic", "lipschitz_shift")}},
+                 tmp_path / "f.png")
+    first, second = ({line.get_label(): line.get_color() for line in ax.get_lines()} for ax in figures[0].axes[:2])
+    assert second["lipschitz_shift"] == first["lipschitz_shift"] != first["noisy_shift"]
+    assert [text.get_text() for text in figures[0].axes[0].get_legend().get_texts()] == [
+        "isotropic", "noisy_shift", "lipschitz_shift"]
