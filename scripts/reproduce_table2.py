@@ -97,10 +97,9 @@ def certified_at(row: dict, column: str, radius: float) -> bool:
 PAIRED_RADII = (0.25, 0.5, 0.75, 1.0, 1.5, 2.0)
 
 
-def paired_row(label: str, path: Path, baseline: Path) -> str:
+def paired_row(label: str, rows: list, baseline_rows: list) -> str:
     """``a / b (p)`` per radius of :data:`PAIRED_RADII`: images only this method certifies, images
     only the isotropic baseline does, and the two-sided sign-test p of that split (a paired test)."""
-    rows, baseline_rows = read_results(path), read_results(baseline)
     cells = []
     for radius in PAIRED_RADII:
         mine, theirs = ({row["idx"] for row in r if certified_at(row, "grid_radius", radius)}
@@ -190,14 +189,14 @@ def main(argv=None) -> int:
             curves.setdefault((f"MNIST, Gaussian lambda = {level:g}", "l2 radius"), {})[method] = (
                 TABLE_RADII, certified_accuracy(rows, column))
             if mode == "grid":
-                grids[method] = path
+                grids[method] = rows
             (out / "table2.md").write_text("\n".join(report) + "\n")
         if "isotropic" in grids and len(grids) > 1:
             report += ["", "Paired with isotropic noise on the same images (grid mode): images only the method "
                        "certifies / images only isotropic noise certifies (two-sided sign-test p), at l2 radius:", "",
                        "| method | " + " | ".join(f"{r:g}" for r in PAIRED_RADII) + " |",
                        "|---|" + "---|" * len(PAIRED_RADII)]
-            report += [paired_row(method, path, grids["isotropic"]) for method, path in grids.items()
+            report += [paired_row(method, rows, grids["isotropic"]) for method, rows in grids.items()
                        if method != "isotropic"]
         report.append("")
         (out / "table2.md").write_text("\n".join(report) + "\n")
