@@ -104,21 +104,20 @@ def curve_panels(panels: dict, path: Path) -> None:
     # one colour per method in every panel (a panel may lack a method), one legend for all
     methods = list(dict.fromkeys(method for curves in panels.values() for method in curves))
     colours = {method: f"C{k % 10}" for k, method in enumerate(methods)}
+    legend = {}  # label -> the first line drawn with it
     for ax, ((title, xlabel), curves) in zip(axes.flat, panels.items()):
         for method, (radii, accuracy) in curves.items():
             style = ("--" if method == "paper mode" else "-") + ("o" if len(radii) <= 20 else "")
             label = method + (" (NOT a certificate)" if method == "paper mode" else "")
-            ax.plot(radii, accuracy, style, color=colours[method], label=label, markersize=3)
+            (line,) = ax.plot(radii, accuracy, style, color=colours[method], label=label, markersize=3)
+            legend.setdefault(label, line)
         ax.set_title(title)
         ax.set_xlabel(xlabel)
         ax.set_ylabel("certified accuracy")
         ax.set_ylim(0, 1)
     for ax in list(axes.flat)[len(panels):]:
         ax.axis("off")
-    handles = {}
-    for ax in axes.flat:
-        handles.update(zip(*reversed(ax.get_legend_handles_labels())))
-    axes.flat[0].legend(list(handles.values()), list(handles), fontsize=7)
+    axes.flat[0].legend(list(legend.values()), list(legend), fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
